@@ -1,0 +1,63 @@
+"""The `distill` command line.
+
+Each command is a thin wrapper over one library function and lives in its own module here,
+named in `COMMANDS`. A command module defines ``add_arguments(parser)`` and ``run(args) -> int``.
+Modules are imported only when their command runs, so `distill --help` stays fast and a
+command's heavy dependencies (transformers, fastapi) are needed only by that command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command name -> (module under distill.cli, one-line help). A plain dict: no registry, no import side effects.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("demo", "run the built-in distillation demo (classifier on digits, or --task lm)"),
+    "generate": ("generate", "send prompts to a teacher and store its answers (resumable)"),
+    "serve": ("serve", "serve a local causal LM behind an OpenAI-compatible API"),
+    "train": ("train", "train a language-model student (sft, logits, on-policy)"),
+    "eval": ("eval", "evaluate a student against its teacher on production inputs"),
+    "route": ("route", "fit a confidence router that sends hard requests to the teacher"),
+    "coverage": ("coverage", "check that training inputs cover production inputs"),
+    "scout": ("scout", "find task families worth distilling in request logs"),
+}
+
+
+def _load(name: str):
+    module, _ = COMMANDS[name]
+    return importlib.import_module(f"distill.cli.{module}")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser; only ``command``'s module is imported (all of them for --help)."""
+    parser = argparse.ArgumentParser(prog="distill", description="Knowledge distillation toolkit.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if command == name:
+            _load(name).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `distill` console script; returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in COMMANDS:
+        command = None
+    parser = build_parser(command)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(_load(args.command).run(args) or 0)
+    except (ValueError, FileNotFoundError) as err:
+        # Bad input is reported as one clear line, not a traceback.
+        print(f"distill {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"distill {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny models built in code, saved to temporary directories (nothing downloaded)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# A narrow, repetitive text domain: enough structure for a 2-layer model to learn something quickly.
+TINY_TEXTS = [
+    f"Invoice {i:04d} from Acme {['GmbH', 'Ltd', 'Inc'][i % 3]}: total {i * 3.5:.2f} EUR, due 2024-{i % 12 + 1:02d}-{i % 28 + 1:02d}."
+    for i in range(300)
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from distill.tiny import train_tokenizer
+
+    return train_tokenizer(TINY_TEXTS, vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory, tiny_tokenizer):
+    """A saved 2-layer Llama-style causal LM (random weights) with its tokenizer: a teacher or student."""
+    from distill.tiny import save_tiny, tiny_causal_lm
+
+    model = tiny_causal_lm(len(tiny_tokenizer), n_layer=2, n_embd=64, n_head=4, seed=0)
+    return save_tiny(model, tiny_tokenizer, tmp_path_factory.mktemp("tiny_lm"))
+
+
+@pytest.fixture(scope="session")
+def tiny_student_dir(tmp_path_factory, tiny_tokenizer):
+    """A smaller saved causal LM sharing ``tiny_lm_dir``'s tokenizer."""
+    from distill.tiny import save_tiny, tiny_causal_lm
+
+    model = tiny_causal_lm(len(tiny_tokenizer), n_layer=1, n_embd=32, n_head=2, seed=1)
+    return save_tiny(model, tiny_tokenizer, tmp_path_factory.mktemp("tiny_student"))
