@@ -1,0 +1,179 @@
+"""Router: constructed cases where the right threshold is known, held-out behaviour, persistence."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from distill.routing import Router, confidence_signals
+
+
+def _deterministic_case(n=1000, seed=0):
+    # The student is right exactly when its confidence is above 0.3; the teacher is always right.
+    rng = np.random.default_rng(seed)
+    conf = rng.uniform(0, 1, n)
+    return {
+        "margin": conf,
+        "student_quality": (conf > 0.3).astype(float),
+        "teacher_quality": np.ones(n),
+    }
+
+
+def test_target_one_puts_threshold_exactly_at_the_students_failure_boundary():
+    cal = _deterministic_case()
+    r = Router(target=1.0, signal="margin").fit(cal)
+    conf = cal["margin"]
+    # The right threshold is the smallest confidence above 0.3: every wrong answer goes to the teacher.
+    assert r.threshold_ == pytest.approx(conf[conf > 0.3].min())
+    assert r.quality_retained_ == pytest.approx(1.0)
+    assert r.fraction_to_teacher_ == pytest.approx(np.mean(conf <= 0.3))
+
+
+def test_target_below_one_lets_the_student_take_the_allowed_share_of_mistakes():
+    cal = _deterministic_case(n=2000, seed=1)
+    r = Router(target=0.95, signal="margin").fit(cal)
+    conf = cal["margin"]
+    # Allowed loss: 5% of requests may be wrong student answers; wrong ones are the least confident,
+    # so the student takes the 100 most confident wrong answers and the threshold lands near 0.25.
+    wrong_sorted = np.sort(conf[conf <= 0.3])[::-1]
+    allowed = int(math.floor(0.05 * conf.size + 1e-9))
+    assert r.threshold_ == pytest.approx(wrong_sorted[allowed - 1])
+    assert r.threshold_ == pytest.approx(0.25, abs=0.02)
+    assert r.quality_retained_ >= 0.95
+    assert r.quality_retained_ < 0.951
+
+
+def test_entropy_signal_is_oriented_so_low_entropy_is_confident():
+    cal = _deterministic_case()
+    cal = {"entropy": -cal["margin"], **{k: v for k, v in cal.items() if k != "margin"}}
+    r = Router(target=1.0, signal="entropy").fit(cal)
+    assert r.fraction_to_teacher_ == pytest.approx(np.mean(-cal["entropy"] <= 0.3))
+    assert r.decide({"entropy": -0.9}) == "student"
+    assert r.decide({"entropy": -0.1}) == "teacher"
+
+
+def test_holds_the_target_on_held_out_inputs_with_a_noisy_student():
+    # P(student right | c) = c; the teacher is right 95% of the time independently of c.
+    rng = np.random.default_rng(3)
+
+    def draw(n):
+        c = rng.uniform(0, 1, n)
+        return {
+            "mean_logprob": np.log(np.clip(c, 1e-6, 1)),
+            "student_quality": (rng.uniform(0, 1, n) < c).astype(float),
+            "teacher_quality": (rng.uniform(0, 1, n) < 0.95).astype(float),
+        }
+
+    r = Router(target=0.9, signal="mean_logprob").fit(draw(4000))
+    test = draw(4000)
+    to_teacher = r.predict(test)
+    routed = np.where(to_teacher, test["teacher_quality"], test["student_quality"]).mean()
+    retained = routed / test["teacher_quality"].mean()
+    # Population optimum: students above c* with E[loss] = 0.1*0.95 -> c* ~ 0.56, ~56% to the teacher.
+    assert retained >= 0.88
+    assert 0.45 < to_teacher.mean() < 0.7
+    assert to_teacher.mean() == pytest.approx(r.fraction_to_teacher_, abs=0.05)
+
+
+def test_curve_runs_from_all_teacher_to_all_student_with_costs():
+    cal = _deterministic_case(n=200)
+    r = Router(target=1.0, signal="margin", teacher_cost=10.0, student_cost=1.0).fit(cal)
+    first, last = r.curve_[0], r.curve_[-1]
+    assert first["fraction_to_teacher"] == 1.0 and first["cost"] == pytest.approx(11.0)
+    assert last["fraction_to_teacher"] == 0.0 and last["cost"] == pytest.approx(1.0)
+    assert last["quality"] == pytest.approx(cal["student_quality"].mean())
+    fracs = [p["fraction_to_teacher"] for p in r.curve_]
+    assert fracs == sorted(fracs, reverse=True)
+
+
+def test_ood_cutoff_sends_far_inputs_to_the_teacher_even_when_confident():
+    # Confidently wrong on out-of-distribution inputs: only the OOD score can catch those.
+    rng = np.random.default_rng(5)
+    n = 1000
+    ood = rng.uniform(0, 1, n)
+    conf = rng.uniform(0.5, 1, n)
+    far = ood > 0.85
+    cal = {
+        "margin": conf,
+        "ood": ood,
+        "student_quality": (~far).astype(float),
+        "teacher_quality": np.ones(n),
+    }
+    plain = Router(target=0.99, signal="margin").fit(cal)
+    with_ood = Router(target=0.99, signal="margin", ood_signal="ood").fit(cal)
+    assert with_ood.fraction_to_teacher_ < plain.fraction_to_teacher_
+    assert with_ood.quality_retained_ >= 0.99
+    assert with_ood.ood_threshold_ < 0.9
+    assert with_ood.decide({"margin": 0.99, "ood": 0.95}) == "teacher"
+    assert with_ood.decide({"margin": 0.99, "ood": 0.1}) == "student"
+
+
+def test_save_load_round_trip_and_decide_matches_predict(tmp_path):
+    cal = _deterministic_case(n=300)
+    r = Router(target=0.97, signal="margin", teacher_cost=5.0).fit(cal)
+    path = r.save(tmp_path / "router.json")
+    data = json.loads(path.read_text())
+    assert data["format"] == "distill.router/1" and data["params"]["target"] == 0.97
+    assert path.stat().st_size < 100_000
+    loaded = Router.load(path)
+    assert loaded.threshold_ == r.threshold_ and loaded.curve_[0]["threshold"] == math.inf
+    assert loaded.get_params() == r.get_params()
+    x = np.linspace(0, 1, 101)
+    decisions = [loaded.decide({"margin": v}) == "teacher" for v in x]
+    assert decisions == r.predict({"margin": x}).tolist()
+
+
+def test_missing_or_nan_signal_goes_to_the_teacher():
+    r = Router(target=1.0, signal="margin").fit(_deterministic_case(n=100))
+    assert r.decide({}) == "teacher"
+    assert r.decide({"margin": float("nan")}) == "teacher"
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"target": 0.0}, "target"),
+        ({"target": 1.5}, "target"),
+        ({"signal": "vibes"}, "signal"),
+        ({"teacher_cost": -1.0}, "teacher_cost"),
+    ],
+)
+def test_bad_parameters_are_rejected_at_fit_naming_the_value(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Router(**kwargs).fit(_deterministic_case(n=10))
+
+
+def test_bad_calibration_is_rejected():
+    with pytest.raises(ValueError, match="'margin'"):
+        Router(signal="margin").fit({"student_quality": [1.0], "teacher_quality": [1.0]})
+    with pytest.raises(ValueError, match="equal length"):
+        Router(signal="margin").fit(
+            {"margin": [1.0, 2.0], "student_quality": [1.0], "teacher_quality": [1.0]}
+        )
+    with pytest.raises(ValueError, match="non-finite"):
+        Router(signal="margin").fit({"margin": [np.nan], "student_quality": [1.0], "teacher_quality": [1.0]})
+    with pytest.raises(RuntimeError, match="not fitted"):
+        Router().decide({"mean_logprob": 0.0})
+
+
+def test_load_rejects_a_file_that_is_not_a_router(tmp_path):
+    p = tmp_path / "x.json"
+    p.write_text('{"format": "something"}')
+    with pytest.raises(ValueError, match="not a router file"):
+        Router.load(p)
+
+
+def test_confidence_signals_from_top_logprobs():
+    # Two steps: p = (0.5, 0.3, 0.2) and (0.9, 0.1).
+    s = confidence_signals([np.log([0.3, 0.5, 0.2]), np.log([0.9, 0.1])])
+    assert s["mean_logprob"] == pytest.approx((math.log(0.5) + math.log(0.9)) / 2)
+    assert s["min_logprob"] == pytest.approx(math.log(0.5))
+    assert s["margin"] == pytest.approx((0.2 + 0.8) / 2)
+    h1 = -(0.5 * math.log(0.5) + 0.3 * math.log(0.3) + 0.2 * math.log(0.2))
+    h2 = -(0.9 * math.log(0.9) + 0.1 * math.log(0.1))
+    assert s["entropy"] == pytest.approx((h1 + h2) / 2)
+    with pytest.raises(ValueError):
+        confidence_signals([])
