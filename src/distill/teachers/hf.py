@@ -1,0 +1,320 @@
+"""`HFTeacher`: a local `transformers` causal LM as a teacher.
+
+Decoding is a small explicit loop (not ``model.generate``) so that exactly the settings in
+`GenerationSettings` apply (no repetition penalty or top-k filter inherited from a checkpoint's
+``generation_config.json``), every step's raw logits are at hand for the top-k log-probabilities,
+and sampling is seeded per request, which makes results independent of how requests are batched.
+
+Top-k log-probabilities are ``log_softmax`` over the FULL vocabulary of the model's unmodified
+logits, i.e. at temperature 1 whatever the sampling temperature: the *capture temperature* is 1.0
+(`CAPTURE_TEMPERATURE`). A consumer that wants the teacher at temperature T rescales them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distill.teachers.base import Completion, GenerationSettings, Request
+
+CAPTURE_TEMPERATURE = 1.0
+"""Temperature at which `HFTeacher` computes top-k log-probabilities (the raw model distribution)."""
+
+
+def vocab_hash(tokenizer) -> str:
+    """sha256 (hex) of the tokenizer's vocabulary as a sorted ``[[token, id], ...]`` JSON list.
+
+    Two tokenizers with the same hash map every token string to the same id (added tokens included).
+    """
+    items = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+@dataclass
+class Score:
+    """Teacher-forced log-probabilities of given completion tokens (see `HFTeacher.score`).
+
+    Lists have one row per completion token; row j is the distribution that predicted token j.
+    """
+
+    token_logprobs: list[float]
+    """log p(completion_ids[j] | prompt, completion_ids[:j]) at temperature 1, shape (n,)."""
+    top_ids: list[list[int]]
+    """Top-k token ids at each position, shape (n, k), most probable first."""
+    top_logprobs: list[list[float]]
+    """Their log-probabilities, shape (n, k)."""
+
+
+def _sample_seed(seed: int, request_id: str) -> int:
+    # Per-request seed: a request's sample does not depend on which batch it landed in.
+    digest = hashlib.sha256(f"{seed}:{request_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class HFTeacher:
+    """A local causal LM (a ``save_pretrained`` directory) that answers `Request`s.
+
+    ``device``: a torch device string ("cpu", "cuda", "cuda:1"). ``dtype``: None (float32 on CPU,
+    the checkpoint's own dtype elsewhere), a torch dtype, or its name ("bfloat16"). ``batch_size``:
+    requests decoded together (left-padded). ``trust_remote_code``: run code shipped with the
+    checkpoint; off unless asked. Weights are loaded from safetensors only.
+    Thread-safe: model calls are serialised by a lock.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        device: str = "cpu",
+        dtype: Any = None,
+        batch_size: int = 8,
+        trust_remote_code: bool = False,
+    ) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(model_dir)
+        if not path.is_dir():
+            raise FileNotFoundError(f"teacher model directory {str(model_dir)!r} does not exist")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        if dtype is None:
+            dtype = torch.float32 if str(device).startswith("cpu") else "auto"
+        elif isinstance(dtype, str) and dtype != "auto":
+            if not isinstance(getattr(torch, dtype, None), torch.dtype):
+                raise ValueError(f"dtype must be a torch dtype name such as 'bfloat16', got {dtype!r}")
+            dtype = getattr(torch, dtype)
+        self.model_dir = path
+        self.device = torch.device(device)
+        self.batch_size = int(batch_size)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        ).to(self.device)
+        self.model.eval()
+        self._lock = threading.Lock()
+        # transformers 5.x renamed the KV-cache argument past_key_values -> cache; accept either.
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._eos_ids = self._collect_eos_ids()
+        pad = self.tokenizer.pad_token_id
+        self._pad_id = pad if pad is not None else min(self._eos_ids, default=0)
+        self._max_positions = getattr(self.model.config, "max_position_embeddings", None)
+        self._identity = {
+            "kind": "hf",
+            "name": path.resolve().name,
+            "model_type": getattr(self.model.config, "model_type", None),
+            "tokenizer": {"name": path.resolve().name, "vocab_hash": vocab_hash(self.tokenizer)},
+            "capture_temperature": CAPTURE_TEMPERATURE,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"HFTeacher({str(self.model_dir)!r}, device={str(self.device)!r}, batch_size={self.batch_size})"
+        )
+
+    def _collect_eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if gen_eos is not None:
+            ids.update(int(i) for i in ([gen_eos] if isinstance(gen_eos, int) else gen_eos))
+        return ids
+
+    # --- public API -------------------------------------------------------------------------
+
+    def identity(self) -> dict[str, Any]:
+        """``{"kind": "hf", "name", "model_type", "tokenizer": {"name", "vocab_hash"}, "capture_temperature"}``.
+
+        ``name`` is the model directory's name (stable when the directory moves)."""
+        return json.loads(json.dumps(self._identity))
+
+    def encode(self, request: Request) -> list[int]:
+        """Prompt token ids of ``request``: plain text tokenised as is, chats through the chat template."""
+        if request.messages is not None:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise ValueError(
+                    f"request {request.id!r} is a chat, but the tokenizer in {str(self.model_dir)!r} has no chat template"
+                )
+            text = self.tokenizer.apply_chat_template(
+                [dict(m) for m in request.messages], tokenize=False, add_generation_prompt=True
+            )
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = self.tokenizer(request.prompt)["input_ids"]
+        if not ids:
+            if self.tokenizer.bos_token_id is None:
+                raise ValueError(
+                    f"request {request.id!r}: the prompt is empty and the tokenizer has no BOS token"
+                )
+            ids = [int(self.tokenizer.bos_token_id)]
+        return [int(i) for i in ids]
+
+    def check_length(self, request_id: str, n_prompt: int, max_new_tokens: int) -> None:
+        """Raise ValueError when prompt + ``max_new_tokens`` exceeds the model's context length."""
+        if self._max_positions is not None and n_prompt + max_new_tokens > self._max_positions:
+            raise ValueError(
+                f"request {request_id!r}: {n_prompt} prompt tokens + max_new_tokens {max_new_tokens} "
+                f"exceed the model's context length {self._max_positions}"
+            )
+
+    def complete(self, requests: Sequence[Request], settings: GenerationSettings) -> list[Completion]:
+        """Answer ``requests`` in order. All prompts are tokenised and length-checked before any decoding.
+
+        Requests are decoded ``batch_size`` at a time (similar lengths together, left-padded);
+        greedy results do not depend on the batching. Generation stops at an end-of-sequence token
+        (kept as the last completion token id, with its log-probabilities; not in ``text``) or after
+        ``settings.max_new_tokens`` tokens.
+        """
+        vocab = self.model.config.vocab_size
+        if settings.top_logprobs > vocab:
+            raise ValueError(
+                f"top_logprobs must be <= the vocabulary size {vocab}, got {settings.top_logprobs}"
+            )
+        encoded = [self.encode(r) for r in requests]
+        for r, ids in zip(requests, encoded):
+            self.check_length(r.id, len(ids), settings.max_new_tokens)
+        # Longest first, so each batch holds prompts of similar length (less padding).
+        order = sorted(range(len(requests)), key=lambda i: -len(encoded[i]))
+        results: list[Completion | None] = [None] * len(requests)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            outs = self._decode([encoded[i] for i in chunk], [requests[i].id for i in chunk], settings)
+            for i, (tokens, top_ids, top_lps, stopped) in zip(chunk, outs):
+                results[i] = self._completion(
+                    requests[i].id, encoded[i], tokens, top_ids, top_lps, stopped, settings
+                )
+        return [c for c in results if c is not None]
+
+    def score(self, prompt_ids: Sequence[int], completion_ids: Sequence[int], k: int) -> Score:
+        """Teacher-forced log-probabilities of ``completion_ids`` after ``prompt_ids`` (temperature 1).
+
+        Returns each given token's log-probability and the top-``k`` ids/log-probabilities at each
+        of its positions. ``prompt_ids`` must be non-empty; ``k`` in [0, vocabulary size].
+        """
+        import torch
+
+        if not prompt_ids:
+            raise ValueError("score: prompt_ids must hold at least one token")
+        if not completion_ids:
+            return Score([], [], [])
+        n_prompt = len(prompt_ids)
+        ids = torch.tensor([list(prompt_ids) + list(completion_ids)], dtype=torch.long, device=self.device)
+        vocab = self.model.config.vocab_size
+        if not 0 <= int(k) <= vocab:
+            raise ValueError(f"score: k must be in [0, {vocab}], got {k!r}")
+        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+            raise ValueError(f"score: token ids must be in [0, {vocab}), got one outside")
+        self.check_length("score", n_prompt, len(completion_ids))
+        with self._lock, torch.inference_mode():
+            logits = self.model(input_ids=ids, use_cache=False).logits[0, n_prompt - 1 : -1].float()
+            logp = torch.log_softmax(logits, dim=-1)  # (n, V): position j predicts completion token j
+            target = ids[0, n_prompt:]
+            token_lp = logp.gather(1, target[:, None])[:, 0]
+            top_v, top_i = logp.topk(int(k), dim=-1) if k else (logp[:, :0], target[:, None][:, :0])
+        return Score(token_lp.tolist(), top_i.tolist(), top_v.tolist())
+
+    # --- decoding ---------------------------------------------------------------------------
+
+    def _decode(self, prompts: list[list[int]], ids: list[str], settings: GenerationSettings):
+        """Decode one batch. Returns per row (tokens, top_ids, top_logprobs, stopped_at_eos)."""
+        import torch
+
+        B, L = len(prompts), max(len(p) for p in prompts)
+        input_ids = torch.full((B, L), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((B, L), dtype=torch.long)
+        for b, p in enumerate(prompts):  # left padding: every row's last prompt token is at column L-1
+            input_ids[b, L - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[b, L - len(p) :] = 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        # Positions count real tokens only, so a padded row sees the same positions as unpadded.
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        k = settings.top_logprobs
+        sampling = settings.temperature > 0
+        gens = []
+        if sampling:
+            for rid in ids:
+                g = torch.Generator(device=self.device)
+                g.manual_seed(_sample_seed(settings.seed, rid))
+                gens.append(g)
+        tokens: list[list[int]] = [[] for _ in range(B)]
+        top_ids: list[list[list[int]]] = [[] for _ in range(B)]
+        top_lps: list[list[list[float]]] = [[] for _ in range(B)]
+        done = [False] * B
+        stopped = [False] * B
+        cache = None
+        step_ids, step_pos = input_ids, positions
+        with self._lock, torch.inference_mode():
+            for _ in range(settings.max_new_tokens):
+                out = self.model(
+                    input_ids=step_ids,
+                    attention_mask=mask,
+                    position_ids=step_pos,
+                    use_cache=True,
+                    **{self._cache_kw: cache},
+                )
+                cache = getattr(out, self._cache_kw, None)
+                if cache is None:
+                    cache = out.past_key_values
+                logits = out.logits[:, -1, :].float()  # (B, V) raw next-token logits
+                logp = torch.log_softmax(logits, dim=-1)  # capture temperature 1, full vocabulary
+                if sampling:
+                    nxt = self._sample(logits, settings, gens)
+                else:
+                    nxt = logits.argmax(dim=-1)
+                if k:
+                    tv, ti = logp.topk(k, dim=-1)
+                    tv_l, ti_l = tv.tolist(), ti.tolist()
+                nxt_l = nxt.tolist()
+                for b in range(B):
+                    if done[b]:
+                        continue
+                    tokens[b].append(nxt_l[b])
+                    if k:
+                        top_ids[b].append(ti_l[b])
+                        top_lps[b].append(tv_l[b])
+                    if nxt_l[b] in self._eos_ids:
+                        done[b] = stopped[b] = True
+                if all(done):
+                    break
+                # Finished rows keep decoding a pad token (ignored) so the batch stays rectangular.
+                fill = torch.tensor(
+                    [self._pad_id if d else t for d, t in zip(done, nxt_l)], device=self.device
+                )
+                step_ids = fill[:, None]
+                step_pos = step_pos[:, -1:] + 1
+                mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=self.device)], dim=1)
+        return list(zip(tokens, top_ids, top_lps, stopped))
+
+    @staticmethod
+    def _sample(logits, settings: GenerationSettings, gens):
+        import torch
+
+        probs = torch.softmax(logits / settings.temperature, dim=-1)
+        if settings.top_p < 1.0:
+            # Nucleus: keep the most probable tokens until their mass reaches top_p (at least one).
+            sp, si = probs.sort(dim=-1, descending=True)
+            keep = (sp.cumsum(-1) - sp) < settings.top_p
+            sp = sp * keep
+            probs = torch.zeros_like(probs).scatter(-1, si, sp)
+        return torch.stack([torch.multinomial(probs[b], 1, generator=g)[0] for b, g in enumerate(gens)])
+
+    def _completion(self, rid, prompt, tokens, top_ids, top_lps, stopped, settings) -> Completion:
+        text_ids = tokens[:-1] if stopped else tokens
+        return Completion(
+            id=rid,
+            text=self.tokenizer.decode(text_ids, skip_special_tokens=False),
+            finish_reason="stop" if stopped else "length",
+            prompt_token_ids=list(prompt),
+            completion_token_ids=list(tokens),
+            top_ids=top_ids if settings.top_logprobs else None,
+            top_logprobs=top_lps if settings.top_logprobs else None,
+            usage={"prompt_tokens": len(prompt), "completion_tokens": len(tokens)},
+        )
