@@ -1,0 +1,203 @@
+"""Atomic training checkpoints that never load pickle.
+
+Layout of ``<out>/checkpoints/step-00000040/``::
+
+    model.safetensors        trainable parameters (all weights, or only the LoRA adapters)
+    optimizer.safetensors    optimizer state tensors, keyed "state.<param index>.<name>"
+    optimizer.json           param groups and non-tensor optimizer state
+    rng.safetensors          torch RNG state of every process ("cpu.<rank>", "cuda.<rank>")
+    trainer_state.json       step, tokens seen, data position, the config that wrote it
+    COMPLETE.json            written last: every file's size; a directory without it is torn
+
+A checkpoint is written into ``.tmp-step-…`` beside its final name, every file fsynced, then renamed
+in one `os.rename` and the parent directory fsynced, so a crash leaves either no checkpoint or a
+complete one. `latest` still verifies each candidate (marker, sizes, readable headers), because a
+directory can be damaged after the fact; damaged ones are skipped and reported, never chosen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+MARKER = "COMPLETE.json"
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=1, sort_keys=True), encoding="utf-8")
+
+
+def _optimizer_to_files(optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"state.{idx}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[k] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_files(optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = v
+    for idx, st in meta.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(st)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def step_dirs(root: str | Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every ``step-NNNNNNNN`` directory under ``root``, newest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def verify(path: str | Path) -> str | None:
+    """``None`` when the checkpoint at ``path`` is complete, else why it is not (one line)."""
+    path = Path(path)
+    marker = path / MARKER
+    if not marker.is_file():
+        return f"no {MARKER} (written last): torn by a crash mid-write"
+    try:
+        files = json.loads(marker.read_text(encoding="utf-8"))["files"]
+    except (ValueError, KeyError, OSError) as err:
+        return f"unreadable {MARKER}: {err}"
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"missing {name}"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, expected {size}"
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(f, framework="pt") as st:
+                    st.keys()
+            except Exception as err:  # noqa: BLE001 - any unreadable header means damaged
+                return f"{name} unreadable: {err}"
+    return None
+
+
+def latest(root: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest complete checkpoint under ``root`` (or ``None``) and the damaged ones skipped on the way."""
+    skipped: list[tuple[Path, str]] = []
+    for _, path in step_dirs(root):
+        why = verify(path)
+        if why is None:
+            return path, skipped
+        skipped.append((path, why))
+    return None, skipped
+
+
+def save(
+    root: str | Path,
+    step: int,
+    *,
+    params: dict[str, torch.Tensor],
+    optimizer,
+    rng: dict[str, torch.Tensor],
+    trainer_state: dict[str, Any],
+    keep: int = 3,
+) -> Path:
+    """Write checkpoint ``step`` atomically under ``root`` and keep only the newest ``keep``; returns its path.
+
+    ``params``: name -> tensor of the trainable parameters; ``rng``: name -> uint8 RNG state tensors.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}"
+    if tmp.exists():  # left by an earlier crash
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    opt_tensors, opt_meta = _optimizer_to_files(optimizer)
+    save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, tmp / "model.safetensors")
+    save_file(opt_tensors, tmp / "optimizer.safetensors")
+    _write_json(tmp / "optimizer.json", opt_meta)
+    save_file({k: v.cpu().contiguous() for k, v in rng.items()}, tmp / "rng.safetensors")
+    _write_json(tmp / "trainer_state.json", trainer_state)
+    names = [
+        "model.safetensors",
+        "optimizer.safetensors",
+        "optimizer.json",
+        "rng.safetensors",
+        "trainer_state.json",
+    ]
+    for name in names:
+        _fsync_file(tmp / name)
+    _write_json(tmp / MARKER, {"step": step, "files": {n: (tmp / n).stat().st_size for n in names}})
+    _fsync_file(tmp / MARKER)
+    _fsync_dir(tmp)
+    if final.exists():  # the same step saved again (e.g. SIGTERM right after a periodic save)
+        old = root / f".old-step-{step:08d}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(root)
+    for _, path in step_dirs(root)[keep:]:
+        shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+def load(path: str | Path, *, params: dict[str, torch.nn.Parameter], optimizer) -> tuple[dict, dict]:
+    """Restore ``params`` (in place) and ``optimizer`` from checkpoint ``path``.
+
+    Returns ``(trainer_state, rng)``. Raises ``ValueError`` when the checkpoint's parameters do not
+    match the model's (another model or another LoRA setting). Only safetensors and JSON are read.
+    """
+    path = Path(path)
+    why = verify(path)
+    if why is not None:
+        raise ValueError(f"checkpoint {path} is not usable: {why}")
+    saved = load_file(path / "model.safetensors")
+    if set(saved) != set(params):
+        extra, missing = sorted(set(saved) - set(params)), sorted(set(params) - set(saved))
+        raise ValueError(
+            f"checkpoint {path} does not match the model: {len(missing)} parameters missing "
+            f"(e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]})"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            if tuple(saved[name].shape) != tuple(p.shape):
+                raise ValueError(
+                    f"checkpoint {path}: {name} has shape {tuple(saved[name].shape)}, model {tuple(p.shape)}"
+                )
+            p.copy_(saved[name].to(p.dtype))
+    meta = json.loads((path / "optimizer.json").read_text(encoding="utf-8"))
+    _optimizer_from_files(optimizer, load_file(path / "optimizer.safetensors"), meta)
+    state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    return state, load_file(path / "rng.safetensors")
