@@ -308,3 +308,22 @@ def kd_loss(
         z, flatten_targets(teacher), rows, loss=loss, temperature=t, tail=tail, loss_kwargs=kwargs
     )
     return _mean_over_counted(per_row, n)
+
+
+# Defined in its own module (it is mostly autograd plumbing); exported here with the other losses.
+from distill.fused import fused_linear_kd_loss  # noqa: E402
+
+__all__ = [
+    "LOSSES",
+    "SparseTargets",
+    "forward_kl",
+    "fused_linear_kd_loss",
+    "generalized_jsd",
+    "hinton_loss",
+    "kd_loss",
+    "reverse_kl",
+    "skew_kl",
+    "skew_reverse_kl",
+    "soft_cross_entropy",
+    "tvd",
+]

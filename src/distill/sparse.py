@@ -280,19 +280,20 @@ def kd_rows(
     )
 
 
+def map_targets(targets: SparseTargets, fn) -> SparseTargets:
+    """``fn`` applied to the ids, logprobs and counts tensors (a reshape, a slice), without re-validating."""
+    out = object.__new__(SparseTargets)
+    for name in ("ids", "logprobs", "counts"):
+        value = getattr(targets, name)
+        object.__setattr__(out, name, None if value is None else fn(value))
+    object.__setattr__(out, "temperature", targets.temperature)
+    object.__setattr__(out, "kind", targets.kind)
+    return out
+
+
 def flatten_targets(targets: SparseTargets) -> SparseTargets:
-    """View ``(..., K)`` targets as ``(N, K)`` without re-validating."""
-    k = targets.ids.shape[-1]
-    flat = object.__new__(SparseTargets)
-    for name, value in (
-        ("ids", targets.ids.reshape(-1, k)),
-        ("logprobs", targets.logprobs.reshape(-1, k)),
-        ("temperature", targets.temperature),
-        ("kind", targets.kind),
-        ("counts", None if targets.counts is None else targets.counts.reshape(-1, k)),
-    ):
-        object.__setattr__(flat, name, value)
-    return flat
+    """View ``(..., K)`` targets as ``(N, K)``."""
+    return map_targets(targets, lambda x: x.reshape(-1, x.shape[-1]))
 
 
 __all__ = ["SparseTargets", "KINDS", "TAILS", "SAMPLED_LOSSES"]
