@@ -176,3 +176,20 @@ def test_chat_without_template_is_refused(tmp_path, tiny_tokenizer):
     plain = HFTeacher(d)
     with pytest.raises(ValueError, match="no chat template"):
         plain.complete([_requests()[-1]], GenerationSettings(max_new_tokens=1))
+
+
+def test_generate_gives_each_chosen_tokens_logprob(teacher):
+    settings = GenerationSettings(max_new_tokens=6, temperature=1.5, seed=1, top_logprobs=1)
+    for g in teacher.generate(_requests()[:3], settings):
+        c = g.completion
+        s = teacher.score(c.prompt_token_ids, c.completion_token_ids, 1)
+        assert g.token_logprobs == pytest.approx(s.token_logprobs, abs=1e-4)
+        assert all(lp <= top[0] + 1e-6 for lp, top in zip(g.token_logprobs, c.top_logprobs))
+
+
+def test_token_bytes_reassemble_the_utf8_text(tiny_lm_dir, teacher):
+    tok = teacher.tokenizer
+    text = "Invoice é € 0012 – ok"
+    ids = tok(text)["input_ids"]
+    assert b"".join(teacher.token_bytes(i) for i in ids) == text.encode("utf-8")
+    assert teacher.token_bytes(tok.eos_token_id) == b"<eos>"

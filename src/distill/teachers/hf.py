@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,10 +52,38 @@ class Score:
     """Their log-probabilities, shape (n, k)."""
 
 
+@dataclass
+class Generation:
+    """A `Completion` plus the log-probability of each generated token (what `distill serve` needs).
+
+    ``token_logprobs[j]`` is log p(completion_token_ids[j]) at temperature 1, also when a sampled
+    token is outside the top-k."""
+
+    completion: Completion
+    token_logprobs: list[float]
+
+
+def _byte_decoder() -> dict[str, int]:
+    # Inverse of GPT-2's bytes_to_unicode: the printable character standing for each byte.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1))
+    bs += list(range(ord("\xae"), ord("\xff") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
 def _sample_seed(seed: int, request_id: str) -> int:
     # Per-request seed: a request's sample does not depend on which batch it landed in.
     digest = hashlib.sha256(f"{seed}:{request_id}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+_BYTE_DECODER = _byte_decoder()
 
 
 class HFTeacher:
@@ -106,6 +135,9 @@ class HFTeacher:
         pad = self.tokenizer.pad_token_id
         self._pad_id = pad if pad is not None else min(self._eos_ids, default=0)
         self._max_positions = getattr(self.model.config, "max_position_embeddings", None)
+        self._special_ids = set(self.tokenizer.all_special_ids)
+        self._byte_level = "ByteLevel" in self._decoder_spec()
+        self._bytes_cache: dict[int, bytes] = {}
         self._identity = {
             "kind": "hf",
             "name": path.resolve().name,
@@ -127,6 +159,12 @@ class HFTeacher:
         if gen_eos is not None:
             ids.update(int(i) for i in ([gen_eos] if isinstance(gen_eos, int) else gen_eos))
         return ids
+
+    def _decoder_spec(self) -> str:
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            return ""
+        return json.dumps(json.loads(backend.to_str()).get("decoder"))
 
     # --- public API -------------------------------------------------------------------------
 
@@ -165,8 +203,36 @@ class HFTeacher:
                 f"exceed the model's context length {self._max_positions}"
             )
 
+    @property
+    def max_context(self) -> int | None:
+        """The model's context length in tokens (prompt + completion), when its config says."""
+        return self._max_positions
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes token ``token_id`` stands for (may be part of a UTF-8 character); special tokens as their text."""
+        cached = self._bytes_cache.get(token_id)
+        if cached is not None:
+            return cached
+        tok = self.tokenizer.convert_ids_to_tokens(int(token_id))
+        if tok is None:
+            raw = b""
+        elif token_id in self._special_ids:
+            raw = tok.encode("utf-8")
+        elif self._byte_level and all(ch in _BYTE_DECODER for ch in tok):
+            raw = bytes(_BYTE_DECODER[ch] for ch in tok)
+        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", tok):  # sentencepiece byte fallback
+            raw = bytes([int(tok[3:5], 16)])
+        else:
+            raw = tok.replace("\u2581", " ").encode("utf-8")  # sentencepiece marks spaces with U+2581
+        self._bytes_cache[token_id] = raw
+        return raw
+
     def complete(self, requests: Sequence[Request], settings: GenerationSettings) -> list[Completion]:
-        """Answer ``requests`` in order. All prompts are tokenised and length-checked before any decoding.
+        """Answer ``requests`` in order (see `generate`)."""
+        return [g.completion for g in self.generate(requests, settings)]
+
+    def generate(self, requests: Sequence[Request], settings: GenerationSettings) -> list[Generation]:
+        """Answer ``requests`` in order, with each generated token's log-probability. All prompts are tokenised and length-checked before any decoding.
 
         Requests are decoded ``batch_size`` at a time (similar lengths together, left-padded);
         greedy results do not depend on the batching. Generation stops at an end-of-sequence token
@@ -183,14 +249,13 @@ class HFTeacher:
             self.check_length(r.id, len(ids), settings.max_new_tokens)
         # Longest first, so each batch holds prompts of similar length (less padding).
         order = sorted(range(len(requests)), key=lambda i: -len(encoded[i]))
-        results: list[Completion | None] = [None] * len(requests)
+        results: list[Generation | None] = [None] * len(requests)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
             outs = self._decode([encoded[i] for i in chunk], [requests[i].id for i in chunk], settings)
-            for i, (tokens, top_ids, top_lps, stopped) in zip(chunk, outs):
-                results[i] = self._completion(
-                    requests[i].id, encoded[i], tokens, top_ids, top_lps, stopped, settings
-                )
+            for i, (tokens, tok_lps, top_ids, top_lps, stopped) in zip(chunk, outs):
+                c = self._completion(requests[i].id, encoded[i], tokens, top_ids, top_lps, stopped, settings)
+                results[i] = Generation(c, tok_lps)
         return [c for c in results if c is not None]
 
     def score(self, prompt_ids: Sequence[int], completion_ids: Sequence[int], k: int) -> Score:
@@ -224,7 +289,7 @@ class HFTeacher:
     # --- decoding ---------------------------------------------------------------------------
 
     def _decode(self, prompts: list[list[int]], ids: list[str], settings: GenerationSettings):
-        """Decode one batch. Returns per row (tokens, top_ids, top_logprobs, stopped_at_eos)."""
+        """Decode one batch. Returns per row (tokens, token_logprobs, top_ids, top_logprobs, stopped_at_eos)."""
         import torch
 
         B, L = len(prompts), max(len(p) for p in prompts)
@@ -245,6 +310,7 @@ class HFTeacher:
                 g.manual_seed(_sample_seed(settings.seed, rid))
                 gens.append(g)
         tokens: list[list[int]] = [[] for _ in range(B)]
+        tok_lps: list[list[float]] = [[] for _ in range(B)]
         top_ids: list[list[list[int]]] = [[] for _ in range(B)]
         top_lps: list[list[list[float]]] = [[] for _ in range(B)]
         done = [False] * B
@@ -273,10 +339,12 @@ class HFTeacher:
                     tv, ti = logp.topk(k, dim=-1)
                     tv_l, ti_l = tv.tolist(), ti.tolist()
                 nxt_l = nxt.tolist()
+                chosen_l = logp.gather(1, nxt[:, None])[:, 0].tolist()
                 for b in range(B):
                     if done[b]:
                         continue
                     tokens[b].append(nxt_l[b])
+                    tok_lps[b].append(chosen_l[b])
                     if k:
                         top_ids[b].append(ti_l[b])
                         top_lps[b].append(tv_l[b])
@@ -291,7 +359,7 @@ class HFTeacher:
                 step_ids = fill[:, None]
                 step_pos = step_pos[:, -1:] + 1
                 mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=self.device)], dim=1)
-        return list(zip(tokens, top_ids, top_lps, stopped))
+        return list(zip(tokens, tok_lps, top_ids, top_lps, stopped))
 
     @staticmethod
     def _sample(logits, settings: GenerationSettings, gens):
