@@ -1,0 +1,71 @@
+"""`distill serve MODEL_DIR`: serve a local causal LM behind an OpenAI-compatible API (see docs/serve.md)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="a saved transformers causal LM (safetensors)")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    parser.add_argument(
+        "--api-key-env",
+        metavar="VAR",
+        default=None,
+        help="name of the environment variable holding the API key clients must send as a Bearer token",
+    )
+    parser.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
+    parser.add_argument("--batch-size", type=int, default=8, help="requests decoded together (default 8)")
+    parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=1 << 20,
+        help="largest request body; larger ones get 413 (default 1 MiB)",
+    )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run code shipped with the checkpoint (off by default)",
+    )
+    # Reserved for the routing issue: --router FILE and --fallback URL (answer from the student or
+    # forward to a teacher). They plug in as another Backend passed to distill.serve.build_app.
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from distill.serve import ServeLimits, create_app
+
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            raise ValueError(
+                f"--api-key-env {args.api_key_env}: that environment variable is not set or empty"
+            )
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    limits = ServeLimits(max_body_bytes=args.max_body_bytes)
+    app = create_app(
+        args.model_dir,
+        api_key=api_key,
+        limits=limits,
+        device=args.device,
+        batch_size=args.batch_size,
+        trust_remote_code=args.trust_remote_code,
+    )
+    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"distill serve: warning: listening on {args.host} without an API key", file=sys.stderr)
+    auth = f"API key required (from ${args.api_key_env})" if api_key else "no API key"
+    print(
+        f"distill serve: {args.model_dir} at http://{args.host}:{args.port}/v1 ({auth})",
+        file=sys.stderr,
+        flush=True,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
