@@ -292,12 +292,10 @@ def kd_loss(
         Scalar: mean over counted positions of the per-position divergence, in nats; 0 (zero gradient)
         when nothing counts. No T² factor.
     """
+    kwargs = check_loss(loss, loss_kwargs)
     if not isinstance(teacher, SparseTargets):
-        if loss not in LOSSES:
-            raise ValueError(f"unknown loss {loss!r}; expected one of {sorted(LOSSES)}")
         return LOSSES[loss](student_logits, teacher, temperature=temperature, mask=mask, **loss_kwargs)
     t = _check_temperature(temperature)
-    kwargs = check_loss(loss, loss_kwargs)
     if tail not in TAILS:
         raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
     if not isinstance(student_logits, Tensor) or not student_logits.dtype.is_floating_point:
