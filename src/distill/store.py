@@ -1,0 +1,514 @@
+"""The teacher-output store: a directory of Parquet shards, ``manifest.json`` and ``failures.jsonl``.
+
+Layout (format described in docs/store.md)::
+
+    STORE/manifest.json         teacher identity, tokenizer, settings, capture temperature, k, counts, spend
+    STORE/shard-000000.parquet  records, one row per answered prompt (`SCHEMA`)
+    STORE/failures.jsonl        prompts whose request failed: retried by the next run, never training data
+    STORE/.lock                 held (flock) by the one writer
+
+Crash safety: a shard is written to a temporary name, fsynced, renamed, and the directory fsynced,
+so a shard is either complete or absent; `StoreWriter` deletes temporaries and unreadable (torn)
+shards when it opens, and their prompts are answered again. A record's ``key`` is a content hash of
+the store's whole setup (teacher, tokenizer, settings, k) and the prompt, so a record is joined to
+its prompt by content, never by position.
+
+Reading: `open` returns a `Store` that streams records shard by shard (one record batch in memory at
+a time) and yields training-ready tensors with `Store.examples`.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT = "distill.store"
+VERSION = 1
+MANIFEST = "manifest.json"
+FAILURES = "failures.jsonl"
+SHARD_GLOB = "shard-*.parquet"
+IGNORE = -100
+"""Label of positions that are not trained on (prompt tokens), as in PyTorch's cross-entropy."""
+FLOAT16_MIN = float(np.finfo(np.float16).min)
+
+_COLUMNS = (
+    "key",
+    "id",
+    "prompt",
+    "is_chat",
+    "completion",
+    "finish_reason",
+    "prompt_token_ids",
+    "completion_token_ids",
+    "topk_ids",
+    "topk_logprobs",
+    "prompt_tokens",
+    "completion_tokens",
+)
+
+
+def schema():
+    """The Arrow schema of a shard. ``topk_ids``/``topk_logprobs`` are flat row-major ``(n_completion, k)``."""
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("key", pa.string()),
+            ("id", pa.string()),
+            ("prompt", pa.string()),
+            ("is_chat", pa.bool_()),
+            ("completion", pa.string()),
+            ("finish_reason", pa.string()),
+            ("prompt_token_ids", pa.list_(pa.int32())),
+            ("completion_token_ids", pa.list_(pa.int32())),
+            ("topk_ids", pa.list_(pa.int32())),
+            ("topk_logprobs", pa.list_(pa.float16())),
+            ("prompt_tokens", pa.int64()),
+            ("completion_tokens", pa.int64()),
+        ]
+    )
+
+
+def canonical(obj: Any) -> str:
+    """Deterministic JSON (sorted keys, no spaces) used for hashing."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """sha256 (hex) of a store's setup: ``{"teacher", "tokenizer", "settings", "k", "capture_temperature"}``."""
+    return hashlib.sha256(canonical(config).encode("utf-8")).hexdigest()
+
+
+def record_key(cfg_hash: str, prompt: str | None, messages: Any, user_id: str | None) -> str:
+    """The content hash naming a record: setup hash + prompt text or messages + the user's id (if any).
+
+    32 hex digits (128 bits). Any change of model, settings, k or prompt text gives another key."""
+    body = canonical({"setup": cfg_hash, "prompt": prompt, "messages": messages, "id": user_id})
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()[:32]
+
+
+# --- durable file operations ----------------------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a fsynced temporary file and a rename (then fsync the directory)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with builtins.open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _shard_ok(path: Path) -> bool:
+    """A shard is usable when its Parquet footer reads and its columns are ours (a torn write fails)."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_metadata(path)
+        return set(_COLUMNS) <= set(meta.schema.to_arrow_schema().names)
+    except Exception:  # any unreadable file is a torn write: it is redone, not trusted
+        return False
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of store ``path`` (``ValueError`` naming the file when it is not one)."""
+    mpath = Path(path) / MANIFEST
+    if not mpath.is_file():
+        raise FileNotFoundError(f"{path}: not a distill store (no {MANIFEST})")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{mpath}: not valid JSON ({err.msg})") from None
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{mpath}: not a distill store manifest (format {manifest.get('format')!r})")
+    if manifest.get("version") != VERSION:
+        raise ValueError(f"{mpath}: store version {manifest.get('version')!r}, this distill reads {VERSION}")
+    return manifest
+
+
+def read_failures(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Failures logged in ``path/failures.jsonl``, latest per key. A torn (partial) last line is skipped."""
+    fpath = Path(path) / FAILURES
+    out: dict[str, dict[str, Any]] = {}
+    if not fpath.is_file():
+        return out
+    with builtins.open(fpath, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the half-written last line of a killed run
+            if isinstance(row, dict) and "key" in row:
+                out[row["key"]] = row
+    return out
+
+
+# --- writing ----------------------------------------------------------------------------------------
+
+
+def completion_row(key: str, user_id: str, prompt: str | None, messages: Any, c, k: int) -> dict[str, Any]:
+    """A shard row from a `Completion` (``c``). Raises ``ValueError`` for top-k data of the wrong shape
+    or with NaN/inf log-probabilities (such an answer is a failure, never training data)."""
+    ids = lps = None
+    if k and c.top_ids is not None and c.top_logprobs is not None and c.completion_token_ids is not None:
+        n = len(c.completion_token_ids)
+        ids_a = np.asarray(c.top_ids, dtype=np.int64).reshape(-1)
+        lps_a = np.asarray(c.top_logprobs, dtype=np.float64).reshape(-1)
+        if ids_a.size != n * k or lps_a.size != n * k:
+            raise ValueError(
+                f"prompt {user_id!r}: top-k data of {ids_a.size} values, expected {n} tokens x k={k}"
+            )
+        if not np.isfinite(lps_a).all():
+            raise ValueError(f"prompt {user_id!r}: the teacher returned non-finite log-probabilities")
+        # float16 cannot hold log-probabilities below -65504; they are probabilities of ~0 anyway.
+        ids, lps = ids_a.astype(np.int32), np.maximum(lps_a, FLOAT16_MIN).astype(np.float16)
+    usage = c.usage or {}
+    return {
+        "key": key,
+        "id": user_id,
+        "prompt": prompt if messages is None else canonical(list(messages)),
+        "is_chat": messages is not None,
+        "completion": c.text,
+        "finish_reason": c.finish_reason,
+        "prompt_token_ids": c.prompt_token_ids,
+        "completion_token_ids": c.completion_token_ids,
+        "topk_ids": ids,
+        "topk_logprobs": lps,
+        "prompt_tokens": int(usage.get("prompt_tokens", len(c.prompt_token_ids or []))),
+        "completion_tokens": int(usage.get("completion_tokens", len(c.completion_token_ids or []))),
+    }
+
+
+class StoreWriter:
+    """The one writer of a store directory (an exclusive ``flock`` on ``.lock``).
+
+    Opening creates the store or checks that its setup (``config``) is the same; a store of another
+    setup is refused (a changed model, temperature, k... must go to a new directory, so old records
+    are never mixed in). It deletes temporary and torn shards, reconciles ``failures.jsonl`` with the
+    stored keys, and knows which keys are done (`done`).
+    """
+
+    def __init__(self, path: str | Path, config: dict[str, Any]) -> None:
+        import fcntl
+
+        self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"--out {self.path} exists and is not a directory")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = builtins.open(self.path / ".lock", "a")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise ValueError(f"store {self.path} is being written by another process") from None
+        self.config = config
+        self.config_hash = config_hash(config)
+        self.repaired: list[str] = []
+        if (self.path / MANIFEST).exists():
+            self.manifest = read_manifest(self.path)
+            if self.manifest.get("config_hash") != self.config_hash:
+                raise ValueError(_mismatch(self.path, self.manifest, config))
+        else:
+            now = _now()
+            self.manifest = {"format": FORMAT, "version": VERSION, "config_hash": self.config_hash}
+            self.manifest.update(config)
+            self.manifest.update(created=now, spent={"prompt_tokens": 0, "completion_tokens": 0, "cost": 0.0})
+        for tmp in self.path.glob(".*.tmp"):
+            tmp.unlink()
+            self.repaired.append(f"removed temporary file {tmp.name}")
+        self.shards: list[dict[str, Any]] = []
+        self.done: set[str] = set()
+        for shard in sorted(self.path.glob(SHARD_GLOB)):
+            if not _shard_ok(shard):
+                shard.unlink()  # torn final write: its prompts are not in `done`, so they are redone
+                self.repaired.append(f"removed torn shard {shard.name}")
+                continue
+            self._adopt(shard)
+        self.failures = {k: v for k, v in read_failures(self.path).items() if k not in self.done}
+        self._write_failures()
+        self._write_manifest()
+        self._failures_file = builtins.open(self.path / FAILURES, "a", encoding="utf-8")
+
+    def _adopt(self, shard: Path) -> None:
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        t = pq.read_table(shard, columns=["key", "prompt_tokens", "completion_tokens"], use_threads=False)
+        self.done.update(t.column("key").to_pylist())
+        self.shards.append(
+            {
+                "file": shard.name,
+                "records": t.num_rows,
+                "prompt_tokens": int(pc.sum(t.column("prompt_tokens")).as_py() or 0),
+                "completion_tokens": int(pc.sum(t.column("completion_tokens")).as_py() or 0),
+            }
+        )
+
+    def write(self, rows: list[dict[str, Any]], spent: dict[str, float] | None = None) -> None:
+        """Commit ``rows`` (from `completion_row`) as one new shard, then the manifest.
+
+        ``spent``: tokens/cost spent since the last call (added to the manifest's ``spent``)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if spent:
+            for name, value in spent.items():
+                self.manifest["spent"][name] = self.manifest["spent"].get(name, 0) + value
+        if rows:
+            seq = 1 + max((int(s["file"][6:12]) for s in self.shards), default=-1)
+            final = self.path / f"shard-{seq:06d}.parquet"
+            tmp = self.path / f".{final.name}.{os.getpid()}.tmp"
+            table = pa.Table.from_pylist(rows, schema=schema())
+            with builtins.open(tmp, "wb") as f:
+                pq.write_table(
+                    table, f, compression="zstd", compression_level=9, use_dictionary=["id", "finish_reason"]
+                )
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+            _fsync_dir(self.path)
+            keys = {r["key"] for r in rows}
+            self.done |= keys
+            self.shards.append(
+                {
+                    "file": final.name,
+                    "records": len(rows),
+                    "prompt_tokens": sum(r["prompt_tokens"] for r in rows),
+                    "completion_tokens": sum(r["completion_tokens"] for r in rows),
+                }
+            )
+            if keys & self.failures.keys():  # answered now: drop its old failure (never both)
+                self.failures = {k: v for k, v in self.failures.items() if k not in keys}
+                self._failures_file.close()
+                self._write_failures()
+                self._failures_file = builtins.open(self.path / FAILURES, "a", encoding="utf-8")
+        self._write_manifest()
+
+    def fail(self, key: str, user_id: str, error: str, attempts: int) -> None:
+        """Log a failed prompt to ``failures.jsonl`` (one line, flushed and fsynced)."""
+        row = {"key": key, "id": user_id, "error": error, "attempts": attempts, "time": _now()}
+        self.failures[key] = row
+        self._failures_file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._failures_file.flush()
+        os.fsync(self._failures_file.fileno())
+
+    def _write_failures(self) -> None:
+        lines = "".join(json.dumps(v, ensure_ascii=False) + "\n" for v in self.failures.values())
+        atomic_write_bytes(self.path / FAILURES, lines.encode("utf-8"))
+
+    def _write_manifest(self) -> None:
+        self.manifest["shards"] = self.shards
+        self.manifest["counts"] = {
+            "records": sum(s["records"] for s in self.shards),
+            "failed": len(self.failures),
+            "shards": len(self.shards),
+        }
+        self.manifest["tokens"] = {
+            "prompt": sum(s["prompt_tokens"] for s in self.shards),
+            "completion": sum(s["completion_tokens"] for s in self.shards),
+        }
+        self.manifest["updated"] = _now()
+        data = json.dumps(self.manifest, indent=2, ensure_ascii=False) + "\n"
+        atomic_write_bytes(self.path / MANIFEST, data.encode("utf-8"))
+
+    def close(self) -> None:
+        """Flush the manifest and release the lock."""
+        self._write_manifest()
+        self._failures_file.close()
+        self._lock.close()
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _mismatch(path: Path, manifest: dict[str, Any], config: dict[str, Any]) -> str:
+    diffs = [
+        f"{name}: {manifest.get(name)!r} -> {value!r}"
+        for name, value in config.items()
+        if canonical(manifest.get(name)) != canonical(value)
+    ]
+    return (
+        f"store {path} holds answers from another setup ({'; '.join(diffs) or 'setup hash differs'}); "
+        "its records would be stale for this run: use a new --out directory"
+    )
+
+
+# --- reading ----------------------------------------------------------------------------------------
+
+
+def open(path: str | Path) -> Store:  # noqa: A001 - the public name the issue asks for
+    """Open the store at ``path`` for reading (nothing is loaded until iterated)."""
+    return Store(path)
+
+
+class Store:
+    """A read-only view of a store directory.
+
+    ``manifest``: the manifest dict. ``len(store)``: records (from Parquet footers, cheap).
+    Iterating yields record dicts (see `Store.__iter__`); `examples` yields training tensors.
+    ``rejected``: counts of records `examples` left out, by reason.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"no such store directory: {self.path}")
+        self.manifest = read_manifest(self.path)
+        self.k = int(self.manifest.get("k") or 0)
+        self.shards = [p for p in sorted(self.path.glob(SHARD_GLOB)) if _shard_ok(p)]
+        self.rejected: dict[str, int] = {}
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.path)!r}, records={len(self)}, k={self.k})"
+
+    def __len__(self) -> int:
+        import pyarrow.parquet as pq
+
+        return sum(pq.read_metadata(p).num_rows for p in self.shards)
+
+    def batches(self, columns: Iterable[str] | None = None, batch_size: int = 1024) -> Iterator[Any]:
+        """Arrow record batches of the shards in order, ``batch_size`` rows at a time (streaming)."""
+        import pyarrow.parquet as pq
+
+        cols = list(columns) if columns is not None else None
+        for shard in self.shards:
+            pf = pq.ParquetFile(shard)
+            yield from pf.iter_batches(batch_size=batch_size, columns=cols, use_threads=False)
+
+    def keys(self) -> list[str]:
+        """Every record's key, in store order."""
+        return [k for b in self.batches(["key"]) for k in b.column("key").to_pylist()]
+
+    def failures(self) -> list[dict[str, Any]]:
+        """Prompts that failed and are not in the store: ``{"key", "id", "error", "attempts", "time"}``."""
+        done = set(self.keys())
+        return [v for k, v in read_failures(self.path).items() if k not in done]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Records as dicts: ``key``, ``id``, ``prompt`` (str, or a list of messages for chats),
+        ``completion``, ``finish_reason``, ``prompt_token_ids``, ``completion_token_ids`` (lists or None),
+        ``topk_ids``/``topk_logprobs`` (``n_completion`` lists of k, or None), ``usage``."""
+        k = self.k
+        for batch in self.batches():
+            for row in batch.to_pylist():
+                for name in ("topk_ids", "topk_logprobs"):
+                    flat = row[name]
+                    row[name] = None if flat is None else [flat[i : i + k] for i in range(0, len(flat), k)]
+                if row.pop("is_chat"):
+                    row["prompt"] = json.loads(row["prompt"])
+                row["usage"] = {
+                    "prompt_tokens": row.pop("prompt_tokens"),
+                    "completion_tokens": row.pop("completion_tokens"),
+                }
+                yield row
+
+    def _reject(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    def examples(self, max_length: int | None = None, tokenizer: Any = None) -> Iterator[dict[str, Any]]:
+        """Training-ready examples, streamed one record batch at a time.
+
+        Each is ``{"id": str, "input_ids": (L,) long, "labels": (L,) long}`` plus, for records with
+        top-k data, ``"topk_ids": (L, K) long, "topk_logprobs": (L, K) float32``. ``input_ids`` =
+        prompt ids + completion ids; ``labels`` is -100 on prompt positions and the token id on
+        completion positions; top-k row i is the teacher's distribution for the token at position i
+        (given tokens < i), zero on prompt positions. ``max_length`` cuts sequences from the end; a
+        record left without completion tokens is skipped. Records with NaN/inf log-probabilities are
+        skipped. Skips are counted in ``self.rejected``. Records without token ids (a black-box API)
+        are tokenised with ``tokenizer`` (chats through its chat template); without one they are an error.
+        """
+        import torch
+
+        k = self.k
+        cols = ["id", "prompt", "is_chat", "completion", "prompt_token_ids", "completion_token_ids"]
+        cols += ["topk_ids", "topk_logprobs"]
+        for batch in self.batches(cols):
+            ids = batch.column("id").to_pylist()
+            p_off, p_val, p_null = _list_parts(batch.column("prompt_token_ids"))
+            c_off, c_val, c_null = _list_parts(batch.column("completion_token_ids"))
+            t_off, t_val, t_null = _list_parts(batch.column("topk_ids"))
+            l_off, l_val, _ = _list_parts(batch.column("topk_logprobs"))
+            finite_all = bool(np.isfinite(l_val).all()) if l_val.size else True
+            for i, rid in enumerate(ids):
+                if p_null[i] or c_null[i]:
+                    prompt_ids, comp_ids = self._tokenize(batch, i, tokenizer)
+                else:
+                    prompt_ids = p_val[p_off[i] : p_off[i + 1]]
+                    comp_ids = c_val[c_off[i] : c_off[i + 1]]
+                P, C = len(prompt_ids), len(comp_ids)
+                L = P + C if max_length is None else min(P + C, max_length)
+                if L <= P:
+                    self._reject("no completion tokens within max_length" if C else "empty completion")
+                    continue
+                input_ids = np.concatenate([prompt_ids, comp_ids]).astype(np.int64)[:L]
+                labels = np.full(L, IGNORE, dtype=np.int64)
+                labels[P:] = input_ids[P:]
+                ex = {"id": rid, "input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
+                if k and not t_null[i]:
+                    lp = l_val[l_off[i] : l_off[i] + (L - P) * k]
+                    if not finite_all and not np.isfinite(lp).all():
+                        self._reject("non-finite log-probabilities")
+                        continue
+                    top_ids = np.zeros((L, k), dtype=np.int64)
+                    top_lps = np.zeros((L, k), dtype=np.float32)
+                    top_ids[P:] = t_val[t_off[i] : t_off[i] + (L - P) * k].reshape(L - P, k)
+                    top_lps[P:] = lp.reshape(L - P, k)
+                    ex["topk_ids"] = torch.from_numpy(top_ids)
+                    ex["topk_logprobs"] = torch.from_numpy(top_lps)
+                yield ex
+
+    def _tokenize(self, batch, i: int, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+        rid = batch.column("id")[i].as_py()
+        if tokenizer is None:
+            raise ValueError(
+                f"{self.path}: record {rid!r} has no token ids (a black-box teacher); pass a tokenizer"
+            )
+        prompt = batch.column("prompt")[i].as_py()
+        if batch.column("is_chat")[i].as_py():
+            text = tokenizer.apply_chat_template(
+                json.loads(prompt), tokenize=False, add_generation_prompt=True
+            )
+            p = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            p = tokenizer(prompt)["input_ids"]
+        c = tokenizer(batch.column("completion")[i].as_py(), add_special_tokens=False)["input_ids"]
+        return np.asarray(p, dtype=np.int64), np.asarray(c, dtype=np.int64)
+
+
+def _list_parts(col) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(offsets (n+1,), flat values, is-null (n,)) of an Arrow list column, without Python objects."""
+    import pyarrow as pa
+
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    n = len(col)
+    nulls = col.is_null().to_numpy(zero_copy_only=False) if col.null_count else np.zeros(n, dtype=bool)
+    offsets = col.offsets.to_numpy()
+    values = col.values.to_numpy(zero_copy_only=False)
+    # Offsets index into .values, which may start past 0 when the array is a slice.
+    return offsets - offsets[0] if offsets.size else offsets, values[offsets[0] : offsets[-1]], nulls
