@@ -40,7 +40,8 @@ class TrainConfig:
     """Name of the token-level loss in `distill.losses.LOSSES` (``logits`` mode); ``on-policy`` always uses
     ``generalized_jsd`` with ``beta``."""
     temperature: float = 1.0
-    """Softmax temperature of both models in the distillation term; finite and > 0."""
+    """Softmax temperature of both models in the distillation term; finite and > 0. The term is multiplied
+    by T² so its gradient keeps its weight against CE when T changes (Hinton et al. 2015)."""
     alpha: float = 0.5
     """Weight of the distillation term, in [0, 1]: loss = alpha * KD + (1 - alpha) * CE on the labels."""
     teacher: str | None = None
@@ -140,6 +141,10 @@ class TrainConfig:
         for t in self.log_with:
             if t not in TRACKERS:
                 raise ValueError(f"log_with: unknown tracker {t!r}; expected some of {', '.join(TRACKERS)}")
+        from distill.losses import LOSSES  # a name looked up in a plain dict, never code to import
+
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(sorted(LOSSES))}, got {self.loss!r}")
         if self.mode == "on-policy" and not self.teacher:
             raise ValueError("mode 'on-policy' needs a local teacher: give --teacher DIR")
 

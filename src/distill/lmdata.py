@@ -192,7 +192,7 @@ def load_examples(
 
 def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch: ``input_ids``/``attention_mask``/``labels`` ``(B, L)`` and, when every
-    example has them, ``topk_ids``/``topk_logprobs`` ``(B, L, K)`` (padding: id 0, log-prob 0, label -100)."""
+    example has them, ``topk_ids``/``topk_logprobs`` ``(B, L, K)`` (padding and unlabelled rows: id 0, log-prob -inf, label -100)."""
     n = max(len(e["input_ids"]) for e in examples)
     b = len(examples)
     input_ids = torch.full((b, n), pad_id, dtype=torch.long)
@@ -209,8 +209,10 @@ def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tens
         for i, e in enumerate(examples):
             m, kk = e["topk_ids"].shape
             ids[i, :m, :kk], lps[i, :m, :kk] = e["topk_ids"], e["topk_logprobs"]
-            if kk < k:  # a record with fewer entries: the missing ones get probability 0
+            if kk < k:  # a record with fewer entries: the missing ones are padding
                 lps[i, :m, kk:] = -math.inf
+        # Rows without a label (prompt, padding) carry no teacher signal: mark every entry as padding.
+        lps[labels == IGNORE] = -math.inf
         batch["topk_ids"], batch["topk_logprobs"] = ids, lps
     return batch
 

@@ -61,8 +61,12 @@ class TrainResult:
 
 
 def _kd_sum(cfg: TrainConfig, s_logits, batch, t_logits, stats: DataStats, mask) -> torch.Tensor:
-    """Sum over counted positions of the distillation term. ``s_logits``: (B, L-1, V) shifted."""
-    from distill import losses
+    """Sum over counted positions of the distillation term. ``s_logits``: (B, L-1, V) shifted.
+
+    Multiplied by T² (Hinton et al.): the soft term's gradients scale as 1/T², and T² keeps its
+    weight against the CE term when T changes. At T = 1 (GKD's setting) the factor is 1.
+    """
+    from distill.losses import SparseTargets, kd_loss
 
     n = int(mask.sum())
     if n == 0:
@@ -70,33 +74,13 @@ def _kd_sum(cfg: TrainConfig, s_logits, batch, t_logits, stats: DataStats, mask)
     name = "generalized_jsd" if cfg.mode == "on-policy" else cfg.loss
     kw = {"beta": cfg.beta} if name == "generalized_jsd" else {}
     if t_logits is not None:
-        if hasattr(losses, "kd_loss"):
-            mean = losses.kd_loss(s_logits, t_logits, loss=name, temperature=cfg.temperature, mask=mask, **kw)
-        else:
-            mean = _fallback_forward_kl(s_logits, t_logits, mask, cfg.temperature)
-        return mean * n
-    ids, lps = batch["topk_ids"][:, 1:], batch["topk_logprobs"][:, 1:]
-    if hasattr(losses, "SparseTargets"):
-        target = losses.SparseTargets(ids, lps, temperature=stats.capture_temperature, kind="topk")
-        mean = losses.kd_loss(s_logits, target, loss=name, temperature=cfg.temperature, mask=mask, **kw)
+        teacher = t_logits
     else:
-        mean = _fallback_sparse_kl(s_logits, ids, lps, mask, cfg.temperature)
-    return mean * n
-
-
-def _fallback_forward_kl(s_logits, t_logits, mask, temperature) -> torch.Tensor:
-    # Used only until `distill.losses.kd_loss` exists: KL(T||S) * T^2, mean over counted positions.
-    s = F.log_softmax(s_logits.float() / temperature, -1)
-    t = F.log_softmax(t_logits.float() / temperature, -1)
-    kl = (t.exp() * (t - s)).sum(-1)
-    return (kl * mask).sum() / mask.sum().clamp(min=1) * temperature**2
-
-
-def _fallback_sparse_kl(s_logits, ids, lps, mask, temperature) -> torch.Tensor:
-    s = F.log_softmax(s_logits.float() / temperature, -1).gather(-1, ids)
-    p = lps.exp()
-    kl = torch.where(p > 0, p * (lps - s), torch.zeros_like(p)).sum(-1)
-    return (kl * mask).sum() / mask.sum().clamp(min=1) * temperature**2
+        teacher = SparseTargets(
+            batch["topk_ids"][:, 1:], batch["topk_logprobs"][:, 1:], temperature=stats.capture_temperature
+        )
+    mean = kd_loss(s_logits, teacher, loss=name, temperature=cfg.temperature, mask=mask, **kw)
+    return mean * n * cfg.temperature**2
 
 
 def _loss_sum(
