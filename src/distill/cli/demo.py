@@ -1,0 +1,69 @@
+"""`distill demo`: the built-in end-to-end run (classifier distillation on digits, or ``--task lm``)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    parser.add_argument("--quick", action="store_true", help="smaller, faster run (~20 s) for tests")
+    parser.add_argument(
+        "--task", choices=("digits", "lm"), default="digits", help="which demo (default: digits)"
+    )
+    parser.add_argument(
+        "--labelled",
+        type=int,
+        default=200,
+        help="digits: labelled training examples the students get (default 200)",
+    )
+    parser.add_argument(
+        "--seeds", type=int, default=3, help="digits: student seeds, mean and spread shown (default 3)"
+    )
+    parser.add_argument(
+        "--temperatures",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="T",
+        help="digits: distillation temperatures swept on validation (default 1 2 4 8 16; --quick: 1 4 16)",
+    )
+    parser.add_argument(
+        "--alpha", type=float, default=0.9, help="digits: weight of the soft term (default 0.9)"
+    )
+    parser.add_argument(
+        "--no-calibrate",
+        dest="calibrate",
+        action="store_false",
+        help="digits: distil from the raw teacher logits instead of the temperature-calibrated ones",
+    )
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.task == "lm":
+        try:
+            lm = importlib.import_module("distill.demos.lm")
+        except ModuleNotFoundError as err:
+            if err.name not in ("distill.demos.lm",):
+                raise
+            raise ValueError(
+                "--task lm is not available yet: distill.demos.lm is not part of this build"
+            ) from None
+        lm.run(out=args.out, quick=args.quick)
+        return 0
+    from distill.demos.digits import run_digits_demo
+
+    run_digits_demo(
+        args.out,
+        quick=args.quick,
+        labelled=args.labelled,
+        seeds=args.seeds,
+        temperatures=args.temperatures,
+        alpha=args.alpha,
+        calibrate=args.calibrate,
+        progress=args.progress,
+    )
+    print(f"wrote {args.out}/report.json, report.md, plot.png, models/ and test_inputs.jsonl")
+    return 0

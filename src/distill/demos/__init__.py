@@ -1,0 +1,1 @@
+"""Built-in demos behind ``distill demo``: ``digits`` (classifier distillation) and ``lm`` (language models)."""
