@@ -1,0 +1,286 @@
+"""`distill serve` running for real (a subprocess on 127.0.0.1), driven by httpx and the official openai client."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from distill.teachers.base import GenerationSettings, Request
+from distill.teachers.hf import HFTeacher
+from servers import free_port, running_server
+
+CANARY = f"sk-canary-{uuid.uuid4().hex}"
+BODY_LIMIT = 8192
+
+
+@pytest.fixture(scope="module")
+def server(tiny_lm_dir, tmp_path_factory):
+    """One server for the module: API key required (a canary), small body limit, log captured."""
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    with running_server(
+        tiny_lm_dir,
+        api_key_env="DISTILL_TEST_KEY",
+        env={"DISTILL_TEST_KEY": CANARY},
+        extra_args=["--max-body-bytes", str(BODY_LIMIT), "--batch-size", "4"],
+        log_file=log,
+    ) as base_url:
+        seen: list[str] = []  # every response body, checked for the canary at the end
+        yield base_url, log, seen
+    text = log.read_text(errors="replace")
+    assert "Uvicorn running on http://127.0.0.1:" in text
+    assert CANARY not in text
+    assert all(CANARY not in body for body in seen)
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_lm_dir):
+    return HFTeacher(tiny_lm_dir)
+
+
+def _client(base_url: str, key: str = CANARY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=60)
+
+
+def _post(server, path: str, body, *, key: str | None = CANARY, **kw) -> httpx.Response:
+    base_url, _, seen = server
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if isinstance(body, dict):
+        r = httpx.post(base_url + path, json=body, headers=headers, timeout=60, **kw)
+    else:
+        r = httpx.post(base_url + path, content=body, headers=headers, timeout=60, **kw)
+    seen.append(r.text)
+    return r
+
+
+def test_openai_chat_completions_with_logprobs(server, teacher):
+    base_url, _, seen = server
+    messages = [{"role": "user", "content": "Invoice 0042 from Acme"}]
+    r = _client(base_url).chat.completions.create(
+        model="whatever", messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3
+    )
+    seen.append(r.model_dump_json())
+    choice = r.choices[0]
+    want = teacher.complete(
+        [Request(id="x", messages=tuple(messages))], GenerationSettings(max_new_tokens=6, top_logprobs=3)
+    )[0]
+    assert r.model == teacher.identity()["name"]
+    assert choice.message.role == "assistant" and choice.message.content == want.text
+    assert choice.finish_reason == want.finish_reason
+    content = choice.logprobs.content
+    assert len(content) == len(want.completion_token_ids) == r.usage.completion_tokens
+    assert r.usage.prompt_tokens == len(want.prompt_token_ids)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    for entry, tok, top_lps in zip(content, want.completion_token_ids, want.top_logprobs):
+        assert len(entry.top_logprobs) == 3
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(top_lps, abs=1e-4)
+        assert entry.logprob == pytest.approx(top_lps[0], abs=1e-4)  # greedy: the chosen token is the top one
+        assert entry.bytes == list(teacher.token_bytes(tok))
+    assert (
+        b"".join(bytes(e.bytes) for e in content).decode("utf-8", errors="replace") == choice.message.content
+    )
+    # distill's token-id extension, next to OpenAI's fields
+    extra = choice.model_extra
+    assert extra["token_ids"] == want.completion_token_ids
+    assert extra["prompt_token_ids"] == want.prompt_token_ids
+    assert extra["top_token_ids"] == want.top_ids
+    assert r.model_extra["prompt_token_ids"] == want.prompt_token_ids
+
+
+def test_openai_completions_with_logprobs(server, teacher):
+    base_url, _, seen = server
+    prompts = ["Invoice 0007 from", "Invoice 0123 from Acme Ltd: total"]
+    r = _client(base_url).completions.create(
+        model="whatever", prompt=prompts, max_tokens=5, temperature=0, logprobs=2, n=2
+    )
+    seen.append(r.model_dump_json())
+    want = teacher.complete(
+        [Request(id=str(i), prompt=p) for i, p in enumerate(prompts)],
+        GenerationSettings(max_new_tokens=5, top_logprobs=2),
+    )
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]  # prompt-major, n choices each
+    for c in r.choices:
+        w = want[c.index // 2]
+        assert c.text == w.text and c.finish_reason == w.finish_reason
+        lp = c.logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(w.completion_token_ids)
+        assert lp.token_logprobs == pytest.approx([row[0] for row in w.top_logprobs], abs=1e-4)
+        assert all(1 <= len(d) <= 2 for d in lp.top_logprobs)  # two ids may share a text
+        assert lp.text_offset == [sum(len(t) for t in lp.tokens[:j]) for j in range(len(lp.tokens))]
+        assert c.model_extra["token_ids"] == w.completion_token_ids
+        assert c.model_extra["top_token_ids"] == w.top_ids
+    assert r.usage.prompt_tokens == sum(len(w.prompt_token_ids) for w in want)  # once per prompt
+    assert r.usage.completion_tokens == 2 * sum(len(w.completion_token_ids) for w in want)
+
+
+def test_models_and_health(server, teacher):
+    base_url, _, seen = server
+    models = _client(base_url).models.list()
+    seen.append(models.model_dump_json())
+    card = models.data[0]
+    assert card.id == teacher.identity()["name"]
+    assert card.model_extra["tokenizer"] == teacher.identity()["tokenizer"]
+    assert _client(base_url).models.retrieve(card.id).id == card.id
+    health = httpx.get(base_url.removesuffix("/v1") + "/health")  # open without a key
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+def test_every_route_but_health_needs_the_key(server):
+    base_url, _, seen = server
+    root = base_url.removesuffix("/v1")
+    for method, path in [("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
+                         ("GET", "/v1/nothing-here"), ("GET", "/docs")]:  # fmt: skip
+        for headers in [{}, {"Authorization": "Bearer sk-wrong"}, {"Authorization": CANARY}]:
+            r = httpx.request(method, root + path, headers=headers, json={"prompt": "x"})
+            seen.append(r.text)
+            assert r.status_code == 401, (path, headers)
+            assert r.json()["error"]["code"] == "invalid_api_key"
+    wrong = f"sk-wrong-{uuid.uuid4().hex}"
+    with pytest.raises(openai.AuthenticationError) as err:
+        _client(base_url, key=wrong).models.list()
+    assert wrong not in str(err.value) and CANARY not in str(err.value)
+    assert httpx.get(root + "/health").status_code == 200
+
+
+def test_large_bodies_get_413(server):
+    big = {"model": "m", "prompt": "Invoice " * BODY_LIMIT, "max_tokens": 1}
+    r = _post(server, "/completions", big)
+    assert r.status_code == 413 and "8192" in r.json()["error"]["message"]
+
+    def chunks():  # no Content-Length: the limit is enforced while the body streams in
+        yield b'{"model": "m", "prompt": "'
+        for _ in range(BODY_LIMIT // 64 + 1):
+            yield b"x" * 64
+        yield b'"}'
+
+    r = _post(server, "/completions", chunks())
+    assert r.status_code == 413
+    ok = _post(server, "/completions", {"model": "m", "prompt": "Invoice", "max_tokens": 1})
+    assert ok.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "patch", "param"),
+    [
+        ("/completions", {"max_tokens": 0}, "max_tokens"),
+        ("/completions", {"max_tokens": 10**6}, "max_tokens"),
+        ("/completions", {"max_tokens": "5"}, "max_tokens"),
+        ("/completions", {"n": 0}, "n"),
+        ("/completions", {"n": 1000}, "n"),
+        ("/completions", {"logprobs": 21}, "logprobs"),
+        ("/completions", {"logprobs": -1}, "logprobs"),
+        ("/completions", {"temperature": -0.5}, "temperature"),
+        ("/completions", {"temperature": 7}, "temperature"),
+        ("/completions", {"temperature": "hot"}, "temperature"),
+        ("/completions", {"top_p": 0}, "top_p"),
+        ("/completions", {"stream": True}, "stream"),
+        ("/completions", {"prompt": [1, 2, 3]}, "prompt"),
+        ("/chat/completions", {"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+        ("/chat/completions", {"top_logprobs": 3}, "top_logprobs"),  # without logprobs=true
+        ("/chat/completions", {"max_completion_tokens": 0}, "max_completion_tokens"),
+        ("/chat/completions", {"n": 9}, "n"),
+        ("/chat/completions", {"messages": []}, "messages"),
+    ],
+)
+def test_out_of_range_values_get_400(server, path, patch, param):
+    if path == "/completions":
+        body = {"model": "m", "prompt": "Invoice", "max_tokens": 2}
+    else:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    r = _post(server, path, {**body, **patch})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["param"] == param
+    assert param in err["message"]
+
+
+def test_other_bad_requests_get_400(server):
+    assert _post(server, "/completions", b"{not json").status_code == 400
+    assert _post(server, "/completions", b"[1, 2]").status_code == 400
+    r = _post(server, "/completions", {"model": "m", "prompt": "Invoice " * 400, "max_tokens": 4})
+    assert r.status_code == 400 and "context length 256" in r.json()["error"]["message"]
+    base_url, _, _ = server
+    with pytest.raises(openai.BadRequestError) as err:
+        _client(base_url).completions.create(model="m", prompt="x", max_tokens=0)
+    assert "max_tokens" in str(err.value) and CANARY not in str(err.value)
+
+
+def test_concurrent_requests_are_batched_correctly(server, teacher):
+    prompts = [f"Invoice {i:04d} from Acme" + " Ltd" * (i % 3) for i in range(6)]
+    body = {"model": "m", "max_tokens": 6, "temperature": 0, "logprobs": 1}
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda p: _post(server, "/completions", {**body, "prompt": p}), prompts))
+    want = teacher.complete(
+        [Request(id=str(i), prompt=p) for i, p in enumerate(prompts)], GenerationSettings(max_new_tokens=6)
+    )
+    for r, w in zip(answers, want):
+        assert r.status_code == 200
+        assert r.json()["choices"][0]["token_ids"] == w.completion_token_ids
+
+
+def test_seeded_sampling_is_reproducible(server):
+    body = {"model": "m", "prompt": "Invoice 0001", "max_tokens": 8, "temperature": 1.5, "seed": 11}
+    a, b = (_post(server, "/completions", body).json()["choices"][0]["token_ids"] for _ in range(2))
+    assert a == b
+    c = _post(server, "/completions", {**body, "seed": 12}).json()["choices"][0]["token_ids"]
+    assert c != a
+
+
+def test_default_bind_is_loopback_only(tiny_lm_dir, tmp_path):
+    from distill.cli import build_parser
+
+    assert build_parser("serve").parse_args(["serve", "m"]).host == "127.0.0.1"
+    port = free_port()
+    log = tmp_path / "default.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "distill", "serve", str(tiny_lm_dir), "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while "Uvicorn running" not in log.read_text(errors="replace"):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")
+            time.sleep(0.2)
+        assert f"Uvicorn running on http://127.0.0.1:{port}" in log.read_text()
+        assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+        for addr in _non_loopback_addresses():  # not reachable from other interfaces
+            with pytest.raises(OSError), socket.create_connection((addr, port), timeout=2):
+                pass
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _non_loopback_addresses() -> list[str]:
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the outgoing interface
+            addr = s.getsockname()[0]
+    except OSError:
+        return []
+    return [addr] if not addr.startswith("127.") else []
+
+
+def test_missing_key_variable_is_a_clear_error(tiny_lm_dir):
+    env = {k: v for k, v in os.environ.items() if k != "DISTILL_UNSET_KEY"}
+    out = subprocess.run(
+        [sys.executable, "-m", "distill", "serve", str(tiny_lm_dir), "--api-key-env", "DISTILL_UNSET_KEY"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert "DISTILL_UNSET_KEY" in out.stderr and "not set" in out.stderr
