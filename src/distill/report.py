@@ -52,7 +52,7 @@ def fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, float):
         if not math.isfinite(value):
             return str(value)
-        if abs(value) >= 1e4:
+        if abs(value) >= 1e3:
             return f"{value:,.0f}"
         if value != 0 and abs(value) < 1e-3:
             return f"{value:.{digits}g}"
