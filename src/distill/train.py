@@ -238,7 +238,11 @@ def train(cfg: TrainConfig, *, accelerator=None, console=None) -> TrainResult:
     t_start = time.perf_counter()
     out = Path(cfg.out)
     accelerator = accelerator or Accelerator(
-        mixed_precision=cfg.mixed_precision, log_with=list(cfg.log_with) or None, project_dir=str(out)
+        # Without a GPU, cpu=True lets processes started by `accelerate launch`/torchrun join a gloo group.
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=cfg.mixed_precision,
+        log_with=list(cfg.log_with) or None,
+        project_dir=str(out),
     )
     console = console or Console(stderr=True)
     main = accelerator.is_main_process

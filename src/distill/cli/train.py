@@ -62,6 +62,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, {k: getattr(args, k) for k in _FLAGS})
     console = Console(stderr=True)
     result = train(cfg, console=console)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # one summary per run, not one per process
+        return 0
     if result.stopped == "sigterm":
         console.print(
             f"stopped by SIGTERM at step {result.steps}; checkpoint in {result.out / 'checkpoints'}"
