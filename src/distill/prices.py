@@ -42,6 +42,8 @@ class Prices:
 
     teacher: TokenPrice | None = None
     """Token prices of the teacher in eval/route; ``None`` when the file has no ``[teacher]``."""
+    teacher_hourly_usd: float | None = None
+    """USD per hour of the teacher's hardware, for a self-hosted teacher without token prices."""
     student_hourly_usd: float | None = None
     """USD per hour of the student's hardware."""
     student_requests_per_second: float | None = None
@@ -97,13 +99,17 @@ def load_prices(path: str | Path) -> Prices:
     unknown = set(data) - {"teacher", "student", "models"}
     if unknown:
         raise ValueError(f"{path}: unknown tables {sorted(unknown)}; expected teacher, student, models")
-    teacher = _token_price(data["teacher"], f"{path} [teacher]") if "teacher" in data else None
+    teacher_table = data.get("teacher", {})
+    teacher = None
+    if "input_per_1m" in teacher_table or "output_per_1m" in teacher_table:
+        teacher = _token_price(teacher_table, f"{path} [teacher]")
     student = data.get("student", {})
     models = {
         name: _token_price(t, f'{path} [models."{name}"]') for name, t in data.get("models", {}).items()
     }
     return Prices(
         teacher=teacher,
+        teacher_hourly_usd=_number(teacher_table, "hourly_usd", f"{path} [teacher]", required=False),
         student_hourly_usd=_number(student, "hourly_usd", f"{path} [student]", required=False),
         student_requests_per_second=_number(
             student, "requests_per_second", f"{path} [student]", required=False

@@ -1,0 +1,65 @@
+"""`distill eval --student S --teacher T --inputs FILE --out DIR`: the student against its teacher."""
+
+from __future__ import annotations
+
+import argparse
+
+from distill.data import read_table
+from distill.eval_report import print_summary, write_reports
+from distill.evaluate import EvalConfig, evaluate
+from distill.prices import load_prices
+from distill.runners import open_model
+from distill.teachers.base import GenerationSettings
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--student", required=True, help="student: model directory or http(s) URL")
+    p.add_argument("--teacher", required=True, help="teacher: model directory or http(s) URL")
+    p.add_argument(
+        "--inputs", required=True, help="production inputs (JSONL/JSON/CSV/Parquet), gold answers optional"
+    )
+    p.add_argument("--out", required=True, help="directory for report.json, report.html, plots/")
+    p.add_argument(
+        "--metric",
+        default="auto",
+        help="accuracy, exact_match, token_f1, or your own module:function(prediction, reference) -> float",
+    )
+    p.add_argument(
+        "--prices", default=None, help="prices TOML ([teacher] token prices, [student] hourly_usd)"
+    )
+    p.add_argument(
+        "--input-column", default=None, help="input column (default: prompt/messages, or x for classifiers)"
+    )
+    p.add_argument("--reference-column", default=None, help="gold-answer column (default: label/answer/...)")
+    p.add_argument(
+        "--slice-column", default=None, help="column to break results down by (default: input length)"
+    )
+    p.add_argument("--first-line", action="store_true", help="compare only the first line of text answers")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=32, help="generation limit for language models (default 32)"
+    )
+    p.add_argument(
+        "--top-logprobs", type=int, default=5, help="top-k log-probs requested per token (default 5)"
+    )
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N inputs")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = EvalConfig(
+        metric=args.metric,
+        reference_column=args.reference_column,
+        slice_column=args.slice_column,
+        first_line=args.first_line,
+    )
+    prices = load_prices(args.prices) if args.prices else None
+    rows = read_table(args.inputs)
+    if args.limit is not None:
+        rows = rows[: args.limit]
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, top_logprobs=args.top_logprobs)
+    student = open_model(args.student, "student", settings=settings, input_column=args.input_column)
+    teacher = open_model(args.teacher, "teacher", settings=settings, input_column=args.input_column)
+    result = evaluate(student, teacher, rows, cfg, prices)
+    files = write_reports(result, args.out)
+    print_summary(result)
+    print(f"wrote {files['json']} and {files['html']}")
+    return 0

@@ -1,0 +1,222 @@
+"""Running a student or a teacher over evaluation inputs, one request at a time, with timings.
+
+`open_model(spec)` turns what the user typed after ``--student`` / ``--teacher`` into a runner:
+
+- a directory saved by `distill.classifier.save_classifier` -> `ClassifierRunner` (inputs: a list
+  of numbers in the ``x`` column, or the column given);
+- any other directory -> `TeacherRunner` over a local causal LM (`distill.teachers.hf.HFTeacher`);
+- ``http://...`` / ``https://...`` -> `TeacherRunner` over an OpenAI-compatible endpoint
+  (`distill.teachers.api.APITeacher`; its API key from the environment only).
+
+A runner answers one input at a time (``answer(row) -> Answer``) so each request has its own
+latency and its own failure: a request that fails is an `Answer` with ``error`` set, never an
+exception that stops the evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+
+@dataclass
+class Answer:
+    """One model's answer to one input."""
+
+    prediction: Any = None
+    """Class id (classifier) or answer text (language model); ``None`` when ``error`` is set."""
+    latency_ms: float = 0.0
+    """Wall-clock milliseconds for this one request (batch size 1)."""
+    error: str | None = None
+    """Why there is no answer (input too long, wrong fields, endpoint failure), else ``None``."""
+    error_kind: str | None = None
+    """Short reason used to count exclusions, e.g. ``"student: input too long"``."""
+    top_logprobs: list[list[float]] | None = None
+    """``(T, k)`` per-step top-k log-probabilities, most probable first (classifier: ``T = 1``, all classes)."""
+    top_ids: list[list[int]] | None = None
+    """``(T, k)`` ids matching ``top_logprobs`` (classes or tokens)."""
+    prompt_ids: list[int] | None = None
+    completion_ids: list[int] | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Runner(Protocol):
+    kind: str
+    """``"classifier"`` or ``"text"``: what ``prediction`` is."""
+    name: str
+
+    def answer(self, row: Mapping[str, Any]) -> Answer: ...
+
+    def info(self) -> dict[str, Any]:
+        """``{"name", "kind", "params", "weights_mb"}`` (``None`` where unknown, e.g. an HTTP endpoint)."""
+        ...
+
+
+def _fail(kind: str, err: Exception | str, t0: float) -> Answer:
+    return Answer(error=str(err), error_kind=kind, latency_ms=(time.perf_counter() - t0) * 1e3)
+
+
+class ClassifierRunner:
+    """A saved `distill.classifier` MLP; ``row[input_column]`` is its feature vector."""
+
+    kind = "classifier"
+
+    def __init__(self, path: str | Path, input_column: str = "x") -> None:
+        from distill.classifier import load_classifier
+
+        self.path = Path(path)
+        self.name = self.path.name
+        self.input_column = input_column
+        self.model = load_classifier(self.path)
+        self.n_features = self.model.sizes[0]
+
+    def info(self) -> dict[str, Any]:
+        params = sum(p.numel() for p in self.model.parameters())
+        return {"name": self.name, "kind": self.kind, "params": params, "weights_mb": params * 4 / 2**20}
+
+    def answer(self, row: Mapping[str, Any]) -> Answer:
+        import torch
+
+        t0 = time.perf_counter()
+        x = row.get(self.input_column)
+        if x is None:
+            return _fail("no input", f"no {self.input_column!r} column", t0)
+        try:
+            arr = np.asarray(x, dtype=np.float32)
+        except (TypeError, ValueError):
+            return _fail("input not numeric", f"{self.input_column!r} is not a list of numbers", t0)
+        if arr.shape != (self.n_features,):
+            return _fail(
+                "wrong input size", f"expected {self.n_features} features, got shape {arr.shape}", t0
+            )
+        if not np.isfinite(arr).all():
+            return _fail("input not finite", "NaN or infinite feature", t0)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            logp = torch.log_softmax(self.model(torch.from_numpy(arr)[None]).double(), -1)[0]
+        latency = (time.perf_counter() - t0) * 1e3
+        vals, ids = logp.sort(descending=True)
+        return Answer(int(ids[0]), latency, top_logprobs=[vals.tolist()], top_ids=[ids.tolist()])
+
+    def throughput(self, rows: list[Mapping[str, Any]], batch: int = 256) -> float:
+        """Inputs per second at batch size ``batch`` (how a classifier is served)."""
+        import torch
+
+        x = torch.tensor(np.array([np.asarray(r[self.input_column], np.float32) for r in rows]))
+        x = x.repeat(max(1, -(-4 * batch // len(x))), 1)
+        with torch.inference_mode():
+            self.model(x[:batch])  # warm-up
+            t0, n = time.perf_counter(), 0
+            for i in range(0, len(x) - batch + 1, batch):
+                self.model(x[i : i + batch])
+                n += batch
+        return n / (time.perf_counter() - t0)
+
+
+def row_request(row: Mapping[str, Any], index: int, column: str | None):
+    """A `Request` from a row's ``prompt`` (text) or ``messages`` (chat) column, or ``column``."""
+    from distill.teachers.base import Request
+
+    rid = str(row.get("id", f"row-{index}"))
+    names = (column,) if column else ("prompt", "messages", "text", "input")
+    for c in names:
+        v = row.get(c)
+        if isinstance(v, str):
+            if not v.strip():
+                raise ValueError("empty prompt")
+            return Request(rid, prompt=v)
+        if isinstance(v, list) and v and all(isinstance(m, Mapping) for m in v):
+            return Request(
+                rid, messages=tuple({"role": str(m["role"]), "content": str(m["content"])} for m in v)
+            )
+    raise ValueError(f"no text in column(s) {', '.join(map(repr, names))}")
+
+
+class TeacherRunner:
+    """Any `distill.teachers.base.Teacher` (local LM or HTTP endpoint), asked one request at a time."""
+
+    kind = "text"
+
+    def __init__(self, teacher: Any, name: str, settings: Any, input_column: str | None = None) -> None:
+        self.teacher = teacher
+        self.name = name
+        self.settings = settings
+        self.input_column = input_column
+
+    def info(self) -> dict[str, Any]:
+        model = getattr(self.teacher, "model", None)
+        params = sum(p.numel() for p in model.parameters()) if model is not None else None
+        weights = (
+            sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+            if model is not None
+            else None
+        )
+        return {"name": self.name, "kind": self.kind, "params": params, "weights_mb": weights}
+
+    def answer(self, row: Mapping[str, Any]) -> Answer:
+        t0 = time.perf_counter()
+        try:
+            request = row_request(row, 0, self.input_column)
+        except (ValueError, KeyError) as err:
+            return _fail("unusable input", err, t0)
+        try:
+            t0 = time.perf_counter()
+            (c,) = self.teacher.complete([request], self.settings)
+        except ValueError as err:  # local models raise ValueError for too-long prompts
+            reason = "input too long" if "context length" in str(err) else "request rejected"
+            return _fail(reason, err, t0)
+        except Exception as err:  # an endpoint failing mid-run is counted, not fatal
+            return _fail(f"request failed ({type(err).__name__})", err, t0)
+        latency = (time.perf_counter() - t0) * 1e3
+        return Answer(
+            c.text,
+            latency,
+            top_logprobs=c.top_logprobs,
+            top_ids=c.top_ids,
+            prompt_ids=c.prompt_token_ids,
+            completion_ids=c.completion_token_ids,
+            input_tokens=int(c.usage.get("prompt_tokens", len(c.prompt_token_ids or []))),
+            output_tokens=int(c.usage.get("completion_tokens", len(c.completion_token_ids or []))),
+            extra={"finish_reason": c.finish_reason},
+        )
+
+
+def is_classifier_dir(path: Path) -> bool:
+    config = path / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("format") == "distill.classifier/1"
+    except json.JSONDecodeError:
+        return False
+
+
+def open_model(spec: str, role: str, *, settings: Any = None, input_column: str | None = None) -> Runner:
+    """A runner for ``spec`` (see the module docstring); ``role`` ("student"/"teacher") names it in errors."""
+    from distill.teachers.base import GenerationSettings
+
+    settings = settings or GenerationSettings(max_new_tokens=32, top_logprobs=5)
+    if spec.startswith(("http://", "https://")):
+        try:
+            from distill.teachers.api import APITeacher
+        except ImportError as err:
+            raise ValueError(f"--{role} {spec}: HTTP models need distill.teachers.api ({err})") from None
+        return TeacherRunner(APITeacher(spec), spec, settings, input_column)
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"--{role}: no such model directory or URL: {spec}")
+    if is_classifier_dir(path):
+        return ClassifierRunner(path, input_column or "x")
+    if path.is_dir():
+        from distill.teachers.hf import HFTeacher
+
+        return TeacherRunner(HFTeacher(path, batch_size=1), path.name, settings, input_column)
+    raise ValueError(f"--{role} {spec}: expected a model directory or an http(s) URL")
