@@ -15,21 +15,31 @@ settings are decoded together as one batch.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import logging
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from distill.serve_format import chat_choice, completion_choice
+from distill.serve_format import (
+    APIError,
+    ServeLimits,
+    chat_choice,
+    completion_choice,
+    fan_out,
+    parse_messages,
+    parse_prompts,
+    parse_settings,
+    read_json,
+    too_large,
+)
 from distill.teachers.base import GenerationSettings
 from distill.teachers.base import Request as TeacherRequest
 from distill.teachers.hf import Generation
@@ -38,7 +48,11 @@ log = logging.getLogger("distill.serve")
 
 
 class Backend(Protocol):
-    """What the server needs from a model. `HFTeacher` implements it; a router can too."""
+    """What the server needs from a model. `HFTeacher` implements it; a router can too.
+
+    Optional: ``max_context`` (int, tokens) and ``encode(request) -> list[int]``; with both, a chat
+    request without ``max_tokens`` is answered up to the default but within the context.
+    """
 
     batch_size: int
 
@@ -49,44 +63,6 @@ class Backend(Protocol):
     ) -> list[Generation]: ...
 
     def token_bytes(self, token_id: int) -> bytes: ...
-
-
-@dataclass(frozen=True)
-class ServeLimits:
-    """Bounds on what one request may ask for; beyond them the server answers 400 (413 for the body)."""
-
-    max_body_bytes: int = 1 << 20
-    """Largest accepted request body in bytes (413 above)."""
-    max_tokens: int = 2048
-    """Largest ``max_tokens`` / ``max_completion_tokens``; also bounded by the model's context."""
-    max_n: int = 8
-    """Largest ``n`` (choices per prompt)."""
-    max_top_logprobs: int = 20
-    """Largest ``top_logprobs`` (chat) / ``logprobs`` (completions); OpenAI's own limit is 20."""
-    max_prompts: int = 64
-    """Largest number of prompts in one /v1/completions call."""
-
-    def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_tokens", "max_n", "max_prompts"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if int(self.max_top_logprobs) < 0:
-            raise ValueError(f"max_top_logprobs must be >= 0, got {self.max_top_logprobs!r}")
-
-
-class APIError(Exception):
-    """An error answered as OpenAI-style JSON: ``{"error": {"message", "type", "param", "code"}}``."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    def response(self) -> JSONResponse:
-        kind = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error"}.get(
-            self.status, "invalid_request_error" if self.status < 500 else "server_error"
-        )
-        body = {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status)
 
 
 class _Batcher:
@@ -192,7 +168,7 @@ def build_app(backend: Backend, *, api_key: str | None = None, limits: ServeLimi
                 return APIError(401, "missing or invalid API key", code="invalid_api_key").response()
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limits.max_body_bytes):
-            return _too_large(limits)
+            return too_large(limits)
         return await call_next(request)
 
     @app.exception_handler(APIError)
@@ -229,22 +205,24 @@ def build_app(backend: Backend, *, api_key: str | None = None, limits: ServeLimi
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await _read_json(request, limits)
-        prompts = _prompts(body, limits)
-        settings, n = _settings(body, limits, chat=False)
+        body = await read_json(request, limits)
+        prompts = parse_prompts(body, limits)
+        settings, n = parse_settings(body, limits, chat=False)
         k = settings.top_logprobs if body.get("logprobs") is not None else None
-        reqs = _fan_out(prompts, n, body, lambda rid, p: TeacherRequest(id=rid, prompt=p))
+        reqs = fan_out(prompts, n, body, lambda rid, p: TeacherRequest(id=rid, prompt=p))
         gens = await _run(batcher, reqs, settings)
         choices = [completion_choice(i, g, backend.token_bytes, k) for i, g in enumerate(gens)]
         return _response("cmpl", "text_completion", model_id, choices, gens, n)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await _read_json(request, limits)
-        messages = _messages(body)
-        settings, n = _settings(body, limits, chat=True)
+        body = await read_json(request, limits)
+        messages = parse_messages(body)
+        settings, n = parse_settings(body, limits, chat=True)
         k = settings.top_logprobs if body.get("logprobs") else None
-        reqs = _fan_out([messages], n, body, lambda rid, m: TeacherRequest(id=rid, messages=m))
+        reqs = fan_out([messages], n, body, lambda rid, m: TeacherRequest(id=rid, messages=m))
+        if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+            settings = await _fit_context(backend, reqs[0], settings)
         gens = await _run(batcher, reqs, settings)
         choices = [chat_choice(i, g, backend.token_bytes, k) for i, g in enumerate(gens)]
         out = _response("chatcmpl", "chat.completion", model_id, choices, gens, n)
@@ -254,131 +232,20 @@ def build_app(backend: Backend, *, api_key: str | None = None, limits: ServeLimi
     return app
 
 
-# --- request parsing: every bad value is a 400 naming the parameter ------------------------------
-
-
-def _too_large(limits: ServeLimits) -> JSONResponse:
-    msg = f"request body exceeds the limit of {limits.max_body_bytes} bytes"
-    return APIError(413, msg, code="request_too_large").response()
-
-
-async def _read_json(request: Request, limits: ServeLimits) -> dict[str, Any]:
-    import json
-
-    chunks, size = [], 0
-    async for chunk in request.stream():  # bodies without Content-Length are counted as they arrive
-        size += len(chunk)
-        if size > limits.max_body_bytes:
-            raise APIError(413, f"request body exceeds the limit of {limits.max_body_bytes} bytes")
-        chunks.append(chunk)
+async def _fit_context(
+    backend: Backend, req: TeacherRequest, settings: GenerationSettings
+) -> GenerationSettings:
+    """Chat without max_tokens: answer up to the default, but no further than the context allows."""
+    encode, context = getattr(backend, "encode", None), getattr(backend, "max_context", None)
+    if encode is None or not context:
+        return settings
     try:
-        body = json.loads(b"".join(chunks))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise APIError(400, f"request body is not valid JSON: {err}") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "request body must be a JSON object")
-    return body
-
-
-def _int(body: dict, name: str, default: int | None, lo: int, hi: int) -> int | None:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise APIError(400, f"{name} must be an integer in [{lo}, {hi}], got {value!r}", param=name)
-    return value
-
-
-def _float(body: dict, name: str, default: float, lo: float, hi: float, *, open_lo: bool = False) -> float:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    ok = (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and (lo < value if open_lo else lo <= value)
-    )
-    if not ok or not value <= hi:
-        bracket = "(" if open_lo else "["
-        raise APIError(400, f"{name} must be a number in {bracket}{lo}, {hi}], got {value!r}", param=name)
-    return float(value)
-
-
-_UNSUPPORTED = {
-    "stream": False,
-    "echo": False,
-    "suffix": None,
-    "logit_bias": None,
-    "tools": None,
-    "stop": None,
-}
-
-
-def _settings(body: dict, limits: ServeLimits, *, chat: bool) -> tuple[GenerationSettings, int]:
-    for name, neutral in _UNSUPPORTED.items():
-        if body.get(name) not in (neutral, None, {}, []):
-            raise APIError(400, f"{name} is not supported by distill serve", param=name)
-    for name in ("presence_penalty", "frequency_penalty"):
-        if body.get(name) not in (None, 0, 0.0):
-            raise APIError(400, f"{name} is not supported by distill serve (only 0)", param=name)
-    if chat:
-        max_new = _int(body, "max_completion_tokens", None, 1, limits.max_tokens)
-        max_new = max_new or _int(body, "max_tokens", 256, 1, limits.max_tokens)
-        if not isinstance(body.get("logprobs", False), bool | None):
-            raise APIError(400, f"logprobs must be a boolean, got {body['logprobs']!r}", param="logprobs")
-        k = _int(body, "top_logprobs", 0, 0, limits.max_top_logprobs)
-        if k and not body.get("logprobs"):
-            raise APIError(400, "top_logprobs needs logprobs to be true", param="top_logprobs")
-    else:
-        max_new = _int(body, "max_tokens", 16, 1, limits.max_tokens)
-        k = _int(body, "logprobs", 0, 0, limits.max_top_logprobs)
-    n = _int(body, "n", 1, 1, limits.max_n)
-    temperature = _float(body, "temperature", 1.0, 0.0, 2.0)
-    top_p = _float(body, "top_p", 1.0, 0.0, 1.0, open_lo=True)
-    seed = _int(body, "seed", None, -(2**63), 2**63 - 1)
-    settings = GenerationSettings(
-        max_new_tokens=max_new, temperature=temperature, top_p=top_p, top_logprobs=k, seed=seed or 0
-    )
-    return settings, n
-
-
-def _prompts(body: dict, limits: ServeLimits) -> list[str]:
-    prompt = body.get("prompt")
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise APIError(
-            400,
-            "prompt must be a string or a non-empty list of strings (token ids are not supported)",
-            param="prompt",
-        )
-    if len(prompts) > limits.max_prompts:
-        raise APIError(
-            400, f"at most {limits.max_prompts} prompts per request, got {len(prompts)}", param="prompt"
-        )
-    return prompts
-
-
-def _messages(body: dict) -> tuple[dict[str, str], ...]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise APIError(400, "messages must be a non-empty list", param="messages")
-    out = []
-    for i, m in enumerate(messages):
-        content = m.get("content") if isinstance(m, dict) else None
-        if isinstance(content, list):  # content parts: text only
-            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-                raise APIError(400, f"messages[{i}].content: only text parts are supported", param="messages")
-            content = "".join(str(p.get("text", "")) for p in content)
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(content, str):
-            raise APIError(400, f"messages[{i}] must have a string role and content", param="messages")
-        out.append({"role": m["role"], "content": content})
-    return tuple(out)
-
-
-def _fan_out(items: list, n: int, body: dict, make) -> list[TeacherRequest]:
-    # With a seed the per-request sampling seeds are reproducible; without one every call differs.
-    tag = "s" if body.get("seed") is not None else uuid.uuid4().hex
-    return [make(f"{tag}:{p}:{c}", item) for p, item in enumerate(items) for c in range(n)]
+        room = context - len(await asyncio.to_thread(encode, req))
+    except ValueError as err:
+        raise APIError(400, str(err)) from None
+    if 1 <= room < settings.max_new_tokens:
+        return dataclasses.replace(settings, max_new_tokens=room)
+    return settings
 
 
 async def _run(

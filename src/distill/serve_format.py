@@ -1,19 +1,195 @@
-"""OpenAI response shapes for `distill serve`: one choice of /v1/completions or /v1/chat/completions.
+"""The OpenAI wire format of `distill serve`: request parsing (every bad value is a 400 naming the
+parameter) and the shape of one choice of /v1/completions or /v1/chat/completions.
 
-Besides OpenAI's fields every choice carries distill's token-id extension (also read by vLLM-style
-clients): ``prompt_token_ids``, ``token_ids`` (the completion, including a final end-of-sequence
-token when ``finish_reason`` is "stop"), and, when log-probabilities were asked for,
-``top_token_ids`` ((n_tokens, k) ids aligned with the ``top_logprobs`` entries). Log-probability
-entries are one per completion token id, so the end-of-sequence token has one too (its text is
-not part of ``text``/``content``).
+Besides OpenAI's fields every choice carries distill's token-id extension (the first two as vLLM
+names them): ``prompt_token_ids``, ``token_ids`` (the completion, including a final
+end-of-sequence token when ``finish_reason`` is "stop"), and, when log-probabilities were asked
+for, ``top_token_ids`` ((n_tokens, k) ids aligned with the ``top_logprobs`` entries).
+Log-probability entries are one per completion token id, so the end-of-sequence token has one
+too (its text is not part of ``text``/``content``).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from distill.teachers.base import GenerationSettings
+from distill.teachers.base import Request as TeacherRequest
 from distill.teachers.hf import Generation
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """Bounds on what one request may ask for; beyond them the server answers 400 (413 for the body)."""
+
+    max_body_bytes: int = 1 << 20
+    """Largest accepted request body in bytes (413 above)."""
+    max_tokens: int = 2048
+    """Largest ``max_tokens`` / ``max_completion_tokens``; also bounded by the model's context."""
+    max_n: int = 8
+    """Largest ``n`` (choices per prompt)."""
+    max_top_logprobs: int = 20
+    """Largest ``top_logprobs`` (chat) / ``logprobs`` (completions); OpenAI's own limit is 20."""
+    max_prompts: int = 64
+    """Largest number of prompts in one /v1/completions call."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_tokens", "max_n", "max_prompts"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if int(self.max_top_logprobs) < 0:
+            raise ValueError(f"max_top_logprobs must be >= 0, got {self.max_top_logprobs!r}")
+
+
+class APIError(Exception):
+    """An error answered as OpenAI-style JSON: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def response(self) -> JSONResponse:
+        kind = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error"}.get(
+            self.status, "invalid_request_error" if self.status < 500 else "server_error"
+        )
+        body = {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status)
+
+
+# --- requests ---------------------------------------------------------------------------------
+
+
+def too_large(limits: ServeLimits) -> JSONResponse:
+    msg = f"request body exceeds the limit of {limits.max_body_bytes} bytes"
+    return APIError(413, msg, code="request_too_large").response()
+
+
+async def read_json(request: Request, limits: ServeLimits) -> dict[str, Any]:
+    chunks, size = [], 0
+    async for chunk in request.stream():  # bodies without Content-Length are counted as they arrive
+        size += len(chunk)
+        if size > limits.max_body_bytes:
+            raise APIError(413, f"request body exceeds the limit of {limits.max_body_bytes} bytes")
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise APIError(400, f"request body is not valid JSON: {err}") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "request body must be a JSON object")
+    return body
+
+
+def _int(body: dict, name: str, default: int | None, lo: int, hi: int) -> int | None:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise APIError(400, f"{name} must be an integer in [{lo}, {hi}], got {value!r}", param=name)
+    return value
+
+
+def _float(body: dict, name: str, default: float, lo: float, hi: float, *, open_lo: bool = False) -> float:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    ok = (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and (lo < value if open_lo else lo <= value)
+    )
+    if not ok or not value <= hi:
+        bracket = "(" if open_lo else "["
+        raise APIError(400, f"{name} must be a number in {bracket}{lo}, {hi}], got {value!r}", param=name)
+    return float(value)
+
+
+_UNSUPPORTED = {
+    "stream": False,
+    "echo": False,
+    "suffix": None,
+    "logit_bias": None,
+    "tools": None,
+    "stop": None,
+}
+
+
+def parse_settings(body: dict, limits: ServeLimits, *, chat: bool) -> tuple[GenerationSettings, int]:
+    for name, neutral in _UNSUPPORTED.items():
+        if body.get(name) not in (neutral, None, {}, []):
+            raise APIError(400, f"{name} is not supported by distill serve", param=name)
+    for name in ("presence_penalty", "frequency_penalty"):
+        if body.get(name) not in (None, 0, 0.0):
+            raise APIError(400, f"{name} is not supported by distill serve (only 0)", param=name)
+    if chat:
+        max_new = _int(body, "max_completion_tokens", None, 1, limits.max_tokens)
+        max_new = max_new or _int(body, "max_tokens", 256, 1, limits.max_tokens)
+        if not isinstance(body.get("logprobs", False), bool | None):
+            raise APIError(400, f"logprobs must be a boolean, got {body['logprobs']!r}", param="logprobs")
+        k = _int(body, "top_logprobs", 0, 0, limits.max_top_logprobs)
+        if k and not body.get("logprobs"):
+            raise APIError(400, "top_logprobs needs logprobs to be true", param="top_logprobs")
+    else:
+        max_new = _int(body, "max_tokens", 16, 1, limits.max_tokens)
+        k = _int(body, "logprobs", 0, 0, limits.max_top_logprobs)
+    n = _int(body, "n", 1, 1, limits.max_n)
+    temperature = _float(body, "temperature", 1.0, 0.0, 2.0)
+    top_p = _float(body, "top_p", 1.0, 0.0, 1.0, open_lo=True)
+    seed = _int(body, "seed", None, -(2**63), 2**63 - 1)
+    settings = GenerationSettings(
+        max_new_tokens=max_new, temperature=temperature, top_p=top_p, top_logprobs=k, seed=seed or 0
+    )
+    return settings, n
+
+
+def parse_prompts(body: dict, limits: ServeLimits) -> list[str]:
+    prompt = body.get("prompt")
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise APIError(
+            400,
+            "prompt must be a string or a non-empty list of strings (token ids are not supported)",
+            param="prompt",
+        )
+    if len(prompts) > limits.max_prompts:
+        raise APIError(
+            400, f"at most {limits.max_prompts} prompts per request, got {len(prompts)}", param="prompt"
+        )
+    return prompts
+
+
+def parse_messages(body: dict) -> tuple[dict[str, str], ...]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "messages must be a non-empty list", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list):  # content parts: text only
+            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+                raise APIError(400, f"messages[{i}].content: only text parts are supported", param="messages")
+            content = "".join(str(p.get("text", "")) for p in content)
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(content, str):
+            raise APIError(400, f"messages[{i}] must have a string role and content", param="messages")
+        out.append({"role": m["role"], "content": content})
+    return tuple(out)
+
+
+def fan_out(items: list, n: int, body: dict, make) -> list[TeacherRequest]:
+    # With a seed the per-request sampling seeds are reproducible; without one every call differs.
+    tag = "s" if body.get("seed") is not None else uuid.uuid4().hex
+    return [make(f"{tag}:{p}:{c}", item) for p, item in enumerate(items) for c in range(n)]
+
+
+# --- responses --------------------------------------------------------------------------------
 
 LOGPROB_FLOOR = -9999.0
 """Stands in for -inf (a token of probability 0), which JSON cannot carry; OpenAI uses the same value."""

@@ -121,6 +121,15 @@ def test_openai_completions_with_logprobs(server, teacher):
     assert r.usage.completion_tokens == 2 * sum(len(w.completion_token_ids) for w in want)
 
 
+def test_chat_without_max_tokens_fits_the_context(server):
+    messages = [{"role": "user", "content": "Invoice 0001 from Acme GmbH: total 3.50 EUR " * 4}]
+    r = _post(server, "/chat/completions", {"model": "m", "messages": messages, "temperature": 0})
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert usage["total_tokens"] <= 256  # the tiny model's context, not prompt + the 256 default
+    assert usage["completion_tokens"] == len(r.json()["choices"][0]["token_ids"]) >= 1
+
+
 def test_models_and_health(server, teacher):
     base_url, _, seen = server
     models = _client(base_url).models.list()

@@ -128,6 +128,8 @@ class HFTeacher:
         ).to(self.device)
         self.model.eval()
         self._lock = threading.Lock()
+        # The Rust tokenizer must not be re-configured from two threads at once ("Already borrowed").
+        self._tok_lock = threading.Lock()
         # transformers 5.x renamed the KV-cache argument past_key_values -> cache; accept either.
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -181,12 +183,20 @@ class HFTeacher:
                 raise ValueError(
                     f"request {request.id!r} is a chat, but the tokenizer in {str(self.model_dir)!r} has no chat template"
                 )
-            text = self.tokenizer.apply_chat_template(
-                [dict(m) for m in request.messages], tokenize=False, add_generation_prompt=True
-            )
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            try:
+                with self._tok_lock:
+                    text = self.tokenizer.apply_chat_template(
+                        [dict(m) for m in request.messages], tokenize=False, add_generation_prompt=True
+                    )
+            except Exception as err:  # jinja2.TemplateError, e.g. "roles must alternate"
+                raise ValueError(
+                    f"request {request.id!r}: the chat template refused the messages: {err}"
+                ) from None
+            with self._tok_lock:
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
-            ids = self.tokenizer(request.prompt)["input_ids"]
+            with self._tok_lock:
+                ids = self.tokenizer(request.prompt)["input_ids"]
         if not ids:
             if self.tokenizer.bos_token_id is None:
                 raise ValueError(
@@ -374,11 +384,15 @@ class HFTeacher:
             probs = torch.zeros_like(probs).scatter(-1, si, sp)
         return torch.stack([torch.multinomial(probs[b], 1, generator=g)[0] for b, g in enumerate(gens)])
 
+    def _decode_text(self, ids: list[int]) -> str:
+        with self._tok_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=False)
+
     def _completion(self, rid, prompt, tokens, top_ids, top_lps, stopped, settings) -> Completion:
         text_ids = tokens[:-1] if stopped else tokens
         return Completion(
             id=rid,
-            text=self.tokenizer.decode(text_ids, skip_special_tokens=False),
+            text=self._decode_text(text_ids),
             finish_reason="stop" if stopped else "length",
             prompt_token_ids=list(prompt),
             completion_token_ids=list(tokens),
