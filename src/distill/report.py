@@ -89,7 +89,8 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
         all(isinstance(row[i], int | float | dict) or row[i] is None for row in rows) and bool(rows)
         for i in range(len(headers))
     ]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---:" if n else "---" for n in numeric) + "|"]
+    head = [str(h).replace("|", "\\|") for h in headers]  # a "|" inside a cell would split it
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" if n else "---" for n in numeric) + "|"]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
     return "\n".join(lines)
 

@@ -333,7 +333,7 @@ def _write_reports(out: Path, result: dict[str, Any], console: Any) -> dict[str,
         console=console,
     )
     console.print(summary)
-    sweep_rows = [[r["temperature"], r["val_accuracy"]] for r in result["temperature_sweep"]]
+    sweep_rows = [[f"{r['temperature']:g}", r["val_accuracy"]] for r in result["temperature_sweep"]]
     split = result["split"]
     report.write_markdown(
         out / "report.md",
