@@ -84,12 +84,21 @@ class _Batcher:
             batch, size = [first], len(first[0])
             while not self.queue.empty():
                 self.pending.append(self.queue.get_nowait())
-            for item in list(self.pending):  # take waiting requests with identical settings, in order
+            rest = []
+            for item in self.pending:  # take waiting requests with identical settings, in order
                 if item[1] == first[1] and size + len(item[0]) <= max(self.backend.batch_size, len(first[0])):
-                    self.pending.remove(item)
                     batch.append(item)
                     size += len(item[0])
-            await self._answer(batch)
+                else:
+                    rest.append(item)
+            self.pending = rest
+            try:
+                await self._answer(batch)
+            except Exception as err:  # never let the worker die: fail this batch, keep serving
+                log.exception("batch failed")
+                for _, _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(err)
 
     async def _answer(self, batch: list) -> None:
         settings = batch[0][1]
@@ -167,7 +176,9 @@ def build_app(backend: Backend, *, api_key: str | None = None, limits: ServeLimi
             if scheme.lower() != "bearer" or not hmac.compare_digest(given_digest, key_digest):
                 return APIError(401, "missing or invalid API key", code="invalid_api_key").response()
         length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > limits.max_body_bytes):
+        if length is not None and not length.isdigit():
+            return APIError(400, "Content-Length must be a non-negative integer").response()
+        if length is not None and int(length) > limits.max_body_bytes:
             return too_large(limits)
         return await call_next(request)
 
