@@ -118,44 +118,41 @@ def _from_table(path: Path, tokenizer, max_length: int, stats: DataStats) -> lis
     return out
 
 
-def _from_store(path: Path, max_length: int, need_topk: bool, stats: DataStats) -> list[dict[str, Any]]:
+def _from_store(
+    path: Path, tokenizer, max_length: int, need_topk: bool, stats: DataStats
+) -> list[dict[str, Any]]:
     from distill import store as store_mod
 
     st = store_mod.open(path)
     manifest = dict(getattr(st, "manifest", {}) or {})
     stats.manifest = manifest
-    stats.capture_temperature = float(
-        manifest.get("capture_temperature") or manifest.get("temperature") or 1.0
-    )
-    if stats.capture_temperature <= 0:  # greedy capture: log-probabilities are those of the T=1 softmax
-        stats.capture_temperature = 1.0
+    stats.capture_temperature = float(manifest.get("capture_temperature") or 1.0)
     out = []
-    for ex in st.examples():
+    # The store cuts sequences to max_length and skips (and counts) records with no completion token
+    # left or with non-finite log-probabilities; it tokenises black-box records with the student's tokenizer.
+    for ex in st.examples(max_length=max_length, tokenizer=tokenizer):
         stats.read += 1
-        ids = [int(t) for t in ex["input_ids"]]
-        labels = [int(t) for t in ex["labels"]]
-        plen = next((i for i, lab in enumerate(labels) if lab != IGNORE), len(labels))
+        labels = ex["labels"]
+        counted = labels != IGNORE
+        plen = int(counted.long().argmax()) if bool(counted.any()) else len(labels)
         topk = "topk_ids" in ex and "topk_logprobs" in ex
         if need_topk and not topk:
-            stats.skip("no top-k log-probabilities")
+            stats.skip("no top-k log-probabilities (black-box teacher or top_k 0)")
             continue
-        item: dict[str, Any] = {"id": str(ex["id"]), "prompt_len": plen}
+        if len(labels) == max_length:
+            stats.truncated += 1  # at the limit: cut, or exactly that long
+        item: dict[str, Any] = {"id": str(ex["id"]), "prompt_len": plen, "input_ids": ex["input_ids"].long()}
+        item["labels"] = labels.long()
         if topk:
-            lp = torch.as_tensor(ex["topk_logprobs"], dtype=torch.float32)
-            counted = torch.as_tensor(labels) != IGNORE
-            # Non-finite teacher log-probabilities would make the loss NaN: reject the record here.
+            lp = ex["topk_logprobs"].float()
             if not bool(torch.isfinite(lp[counted]).all()):
                 stats.skip("non-finite teacher log-probabilities")
                 continue
-            item["topk_ids"] = torch.as_tensor(ex["topk_ids"], dtype=torch.long)[:max_length]
-            item["topk_logprobs"] = lp[:max_length]
-        done = _finish(ids, labels, plen, max_length, stats)
-        if done is None:
-            continue
-        ids, labels, item["prompt_len"] = done
-        item["input_ids"] = torch.tensor(ids, dtype=torch.long)
-        item["labels"] = torch.tensor(labels, dtype=torch.long)
+            item["topk_ids"], item["topk_logprobs"] = ex["topk_ids"].long(), lp
         out.append(item)
+    for reason, n in getattr(st, "rejected", {}).items():
+        stats.read += n
+        stats.skipped[reason] = stats.skipped.get(reason, 0) + n
     return out
 
 
@@ -174,7 +171,7 @@ def load_examples(
         raise ValueError(f"max_length must be >= 2, got {max_length}")
     stats = DataStats(source=str(path))
     if is_store(path):
-        examples = _from_store(path, max_length, need_topk, stats)
+        examples = _from_store(path, tokenizer, max_length, need_topk, stats)
     else:
         if need_topk:
             raise ValueError(

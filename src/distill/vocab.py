@@ -8,9 +8,6 @@ is an error before training starts, naming both tokenizers and the first differi
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 
 def token_strings(tokenizer) -> list[str | None]:
     """Token string of every id from 0 to the largest id the tokenizer knows (``None`` for gaps)."""
@@ -24,8 +21,11 @@ def token_strings(tokenizer) -> list[str | None]:
 
 
 def vocab_hash(tokenizer) -> str:
-    """SHA-256 of the id-ordered token strings: equal hashes mean identical vocabularies."""
-    return hashlib.sha256(json.dumps(token_strings(tokenizer)).encode("utf-8")).hexdigest()
+    """The hash teachers record in a store's manifest (`distill.teachers.hf.vocab_hash`): equal hashes
+    mean every token string maps to the same id."""
+    from distill.teachers.hf import vocab_hash as teacher_vocab_hash
+
+    return teacher_vocab_hash(tokenizer)
 
 
 def _name(tokenizer, fallback: str) -> str:
