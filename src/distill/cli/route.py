@@ -1,0 +1,112 @@
+"""`distill route fit ...` fits a calibrated router; `distill route show router.json` prints its curve."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from distill.routing import SIGNALS, Router
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="route_command", metavar="ACTION", required=True)
+    fit = sub.add_parser(
+        "fit", help="run student and teacher on inputs, fit the router, check it on held-out inputs"
+    )
+    fit.add_argument("--student", required=True, help="student: model directory or http(s) URL")
+    fit.add_argument("--teacher", required=True, help="teacher: model directory or http(s) URL")
+    fit.add_argument(
+        "--inputs", required=True, help="calibration inputs (JSONL/JSON/CSV/Parquet), gold answers optional"
+    )
+    fit.add_argument(
+        "--target", type=float, default=0.99, help="fraction of teacher quality to keep (default 0.99)"
+    )
+    fit.add_argument("--out", required=True, help="router JSON file to write (report: OUT with .report.json)")
+    fit.add_argument(
+        "--signal", default="mean_logprob", choices=sorted(SIGNALS), help="student confidence signal"
+    )
+    fit.add_argument(
+        "--train", default=None, help="distillation training inputs: adds the coverage OOD score"
+    )
+    fit.add_argument("--embedder", default="auto", choices=["auto", "minilm", "tfidf"], help="for --train")
+    fit.add_argument(
+        "--holdout", type=float, default=0.3, help="share of inputs kept out of fitting (default 0.3)"
+    )
+    fit.add_argument("--seed", type=int, default=0, help="split seed")
+    fit.add_argument("--metric", default="auto", help="accuracy, exact_match, token_f1 or module:function")
+    fit.add_argument("--prices", default=None, help="prices TOML: costs on the curve in $ per 1M requests")
+    fit.add_argument("--input-column", default=None, help="input column (default: prompt/messages, or x)")
+    fit.add_argument(
+        "--reference-column", default=None, help="gold-answer column (default: label/answer/...)"
+    )
+    fit.add_argument("--first-line", action="store_true", help="compare only the first line of text answers")
+    fit.add_argument("--max-new-tokens", type=int, default=32, help="generation limit for language models")
+    show = sub.add_parser("show", help="print a saved router's trade-off curve")
+    show.add_argument("router", help="router JSON file")
+
+
+def _print_curve(router: Router, title: str, points: int = 12) -> None:
+    from distill.report import print_table
+
+    curve = router.curve_
+    step = max(1, len(curve) // points)
+    picked = curve[::step] + ([curve[-1]] if (len(curve) - 1) % step else [])
+    rows = [
+        [p["threshold"], p["fraction_to_teacher"], p["quality"], p["quality_retained"], p["cost"]]
+        for p in picked
+    ]
+    print_table(title, ["threshold", "to teacher", "quality", "retained", "cost"], rows)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.route_command == "show":
+        router = Router.load(args.router)
+        _print_curve(router, f"{args.router}: signal {router.signal}, threshold {router.threshold_:.4g}")
+        return 0
+    from distill.coverage import OODScorer
+    from distill.data import read_table
+    from distill.embed import texts_from_rows
+    from distill.evaluate import EvalConfig
+    from distill.prices import load_prices
+    from distill.report import print_table, write_json
+    from distill.routing import calibrate_on_models
+    from distill.runners import open_model
+    from distill.teachers.base import GenerationSettings
+
+    router = Router(target=args.target, signal=args.signal, ood_signal="ood" if args.train else None)
+    router._validate_params()  # bad --target / --signal fail before any model runs
+    cfg = EvalConfig(metric=args.metric, reference_column=args.reference_column, first_line=args.first_line)
+    prices = load_prices(args.prices) if args.prices else None
+    rows = read_table(args.inputs)
+    scorer = None
+    if args.train:
+        train_texts, _, _ = texts_from_rows(read_table(args.train), args.input_column, args.train)
+        scorer = OODScorer(embedder=args.embedder).fit(train_texts)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, top_logprobs=5)
+    student = open_model(args.student, "student", settings=settings, input_column=args.input_column)
+    teacher = open_model(args.teacher, "teacher", settings=settings, input_column=args.input_column)
+    report = calibrate_on_models(
+        router, student, teacher, rows, eval_cfg=cfg, holdout=args.holdout, seed=args.seed,
+        ood_scorer=scorer, text_column=args.input_column, prices=prices,
+    )  # fmt: skip
+    path = router.save(args.out)
+    report_path = write_json(
+        Path(args.out).with_suffix(".report.json"), {**report, "router": router.to_dict()}
+    )
+    _print_curve(
+        router, f"Trade-off on {report['n_calibration']} calibration inputs (signal {router.signal})"
+    )
+    rows_out = [[name, o["n"], o["fraction_to_student"], o["quality"], o["teacher_quality"], o["quality_retained"], o["cost"]]
+                for name, o in (("calibration", report["calibration"]), ("held-out", report["held_out"])) if o]  # fmt: skip
+    print_table(
+        f"Router at target {args.target}: threshold {router.threshold_:.4g}",
+        ["split", "n", "to student", "routed quality", "teacher quality", "retained", "cost"],
+        rows_out,
+    )
+    if report["excluded"]["total"]:
+        print(
+            f"excluded {report['excluded']['total']} inputs: {json.dumps(report['excluded']['by_reason'])[:500]}"
+        )
+    print(f"wrote {path} and {report_path}")
+    return 0

@@ -1,0 +1,130 @@
+"""`distill eval` and `distill route` end to end on saved digits classifiers and tiny causal LMs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from distill.classifier import mlp, save_classifier
+from distill.cli import main
+from distill.routing import Router
+
+
+def _fit(model, X, y, steps):
+    # Full-batch Adam: well under a second, enough for a good teacher and a weaker student.
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, t = torch.tensor(X), torch.tensor(y)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: extra threads only contend on a shared 2-core machine
+    try:
+        for _ in range(steps):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), t).backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    X = (X / 16.0).astype(np.float32)
+    order = np.random.default_rng(0).permutation(len(X))
+    tr, te = order[:1000], order[1000:]
+    root = tmp_path_factory.mktemp("digits")
+    save_classifier(_fit(mlp([64, 128, 10], seed=0), X[tr], y[tr], 150), root / "teacher")
+    save_classifier(_fit(mlp([64, 6, 10], seed=1), X[tr], y[tr], 60), root / "student")
+    inputs = root / "inputs.jsonl"
+    inputs.write_text(
+        "".join(json.dumps({"id": f"t{i}", "x": X[i].tolist(), "label": int(y[i])}) + "\n" for i in te)
+    )
+    prices = root / "prices.toml"
+    prices.write_text("[teacher]\nhourly_usd = 4.0\n[student]\nhourly_usd = 1.0\n")
+    return root, inputs, prices
+
+
+def test_eval_cli_writes_json_html_and_prints_summary(digits, tmp_path, capsys):
+    root, inputs, _ = digits
+    only_student = tmp_path / "p.toml"
+    only_student.write_text("[student]\nhourly_usd = 1.0\n")
+    out = tmp_path / "ev"
+    argv = [
+        "eval",
+        "--student",
+        str(root / "student"),
+        "--teacher",
+        str(root / "teacher"),
+        "--inputs",
+        str(inputs),
+    ]
+    assert main([*argv, "--out", str(out), "--prices", str(only_student), "--limit", "100"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["n_evaluated"] == 100 and rep["teacher"]["cost_per_1m_requests"] is None
+    assert rep["student"]["cost_per_1m_requests"] > 0
+    assert any("no price for the teacher" in p for p in rep["problems"])
+    assert (out / "report.html").read_text().count("data:image/png;base64,") == 3
+    assert "quality_retained" in capsys.readouterr().out
+    assert main([*argv, "--out", str(out), "--metric", "nope:fn"]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_route_fit_keeps_target_on_held_out_and_saves_router(digits, tmp_path, capsys):
+    root, inputs, prices = digits
+    out = tmp_path / "router.json"
+    argv = ["route", "fit", "--student", str(root / "student"), "--teacher", str(root / "teacher")]
+    argv += ["--inputs", str(inputs), "--target", "0.99", "--out", str(out), "--prices", str(prices)]
+    assert main(argv) == 0
+    router = Router.load(out)
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    cal, held = report["calibration"], report["held_out"]
+    assert cal["quality_retained"] >= 0.99
+    # The student alone is clearly worse, so the router must send some inputs to the teacher ...
+    assert cal["student_quality"] < 0.95 * cal["teacher_quality"]
+    assert 0 < router.fraction_to_teacher_ < 1
+    # ... and on inputs it never saw it keeps close to the target.
+    assert held["quality_retained"] >= 0.97
+    # Recompute the held-out outcome from the saved features with the loaded router.
+    feats = {k: np.asarray(v)[report["split"]["held_out"]] for k, v in report["features"].items()}
+    to_teacher = router.predict(feats)
+    routed = np.where(to_teacher, feats["teacher_quality"], feats["student_quality"]).mean()
+    assert routed == pytest.approx(held["quality"])
+    assert router.teacher_cost > router.student_cost > 0
+    assert "Router at target 0.99" in capsys.readouterr().out
+    assert main(["route", "show", str(out)]) == 0
+    assert main([*argv[:-4], "--target", "1.5", "--out", str(out)]) == 2
+
+
+def test_route_fit_on_tiny_lms_with_ood_feature(tiny_lm_dir, tiny_student_dir, tmp_path):
+    rows = [{"id": f"p{i}", "prompt": f"Invoice {i:04d} from Acme Ltd: total"} for i in range(12)]
+    rows += [{"id": f"r{i}", "prompt": f"Review {i}: the kettle is loud"} for i in range(4)]
+    inputs, train = tmp_path / "in.jsonl", tmp_path / "train.jsonl"
+    inputs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train.write_text(
+        "".join(json.dumps({"prompt": f"Invoice {i:04d} from Acme GmbH: total"}) + "\n" for i in range(40))
+    )
+    out = tmp_path / "lm_router.json"
+    argv = [
+        "route",
+        "fit",
+        "--student",
+        str(tiny_student_dir),
+        "--teacher",
+        str(tiny_lm_dir),
+        "--inputs",
+        str(inputs),
+    ]
+    argv += ["--out", str(out), "--train", str(train), "--embedder", "tfidf", "--max-new-tokens", "3"]
+    argv += ["--metric", "token_f1", "--holdout", "0.25"]
+    assert main(argv) == 0
+    router = Router.load(out)
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert router.ood_signal == "ood" and len(report["features"]["ood"]) == 16
+    ood = np.asarray(report["features"]["ood"])
+    assert ood[12:].min() > ood[:12].max()  # the reviews are the out-of-distribution inputs
+    assert report["calibration"]["quality_retained"] >= 0.99
