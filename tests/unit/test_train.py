@@ -138,3 +138,48 @@ def test_table_data_truncation_and_skips_are_counted(tmp_path, tiny_tokenizer):
         load_examples(_write_jsonl(tmp_path / "c.jsonl", [{"question": "q"}]), tiny_tokenizer, max_length=120)
     with pytest.raises(ValueError, match="has no teacher log-probabilities"):
         load_examples(tmp_path / "d.jsonl", tiny_tokenizer, max_length=40, need_topk=True)
+
+
+def _store(path, tokenizer, n=4, k=3):
+    """A real store with ``n`` records whose top-k data is valid, written by `StoreWriter`."""
+    from distill.store import StoreWriter, completion_row
+    from distill.teachers.base import Completion
+    from distill.vocab import vocab_hash
+
+    cfg = {"teacher": {"kind": "hf", "name": "t"}, "tokenizer": {"name": "tiny", "vocab_hash": vocab_hash(tokenizer)},
+           "settings": {}, "k": k, "capture_temperature": 1.0}  # fmt: skip
+    rows = []
+    for i, r in enumerate(_rows(n)):
+        p = tokenizer(r["prompt"])["input_ids"]
+        c = tokenizer(r["completion"], add_special_tokens=False)["input_ids"]
+        comp = Completion(id=str(i), text=r["completion"], finish_reason="stop", prompt_token_ids=p,
+                          completion_token_ids=c, top_ids=[[t, 5, 6][:k] if t not in (5, 6) else [t, 7, 8] for t in c],
+                          top_logprobs=[[-0.1, -3.0, -4.0] for _ in c])  # fmt: skip
+        rows.append(completion_row(f"key{i}", str(i), r["prompt"], None, comp, k))
+    with StoreWriter(path, cfg) as w:
+        if rows:
+            w.write(rows)
+    return path
+
+
+def test_store_with_nan_logprobs_is_counted_and_all_bad_is_an_error(tmp_path, tiny_tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    store = _store(tmp_path / "s", tiny_tokenizer)
+    ex, stats = load_examples(store, tiny_tokenizer, max_length=256, need_topk=True)
+    assert stats.used == 4 and stats.has_topk and ex[0]["topk_ids"].shape[1] == 3
+    # Corrupt one record's log-probabilities on disk (NaN), as a foreign writer might.
+    shard = next(store.glob("shard-*.parquet"))
+    table = pq.read_table(shard)
+    col = table.column("topk_logprobs").to_pylist()
+    col[1] = [float("nan")] * len(col[1])
+    idx = table.schema.get_field_index("topk_logprobs")
+    table = table.set_column(idx, table.schema.field(idx), pa.array(col, type=table.schema.field(idx).type))
+    pq.write_table(table, shard)
+    ex, stats = load_examples(store, tiny_tokenizer, max_length=256, need_topk=True)
+    assert stats.used == 3 and stats.read == 4
+    assert any("non-finite" in reason for reason in stats.skipped)
+    empty = _store(tmp_path / "empty", tiny_tokenizer, n=0)
+    with pytest.raises(ValueError, match="no usable training examples"):
+        load_examples(empty, tiny_tokenizer, max_length=256)
