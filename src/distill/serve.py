@@ -196,8 +196,9 @@ def build_app(backend: Backend, *, api_key: str | None = None, limits: ServeLimi
 
     def model_card() -> dict[str, Any]:
         card = {"id": model_id, "object": "model", "created": 0, "owned_by": "distill"}
-        if "tokenizer" in ident:
-            card["tokenizer"] = ident["tokenizer"]  # extension: lets clients check tokenizer identity
+        for key in ("tokenizer", "weights_fingerprint"):  # extension: lets clients check what answers
+            if key in ident:
+                card[key] = ident[key]
         if getattr(backend, "max_context", None):
             card["max_model_len"] = backend.max_context
         return card

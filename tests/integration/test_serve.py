@@ -137,6 +137,7 @@ def test_models_and_health(server, teacher):
     card = models.data[0]
     assert card.id == teacher.identity()["name"]
     assert card.model_extra["tokenizer"] == teacher.identity()["tokenizer"]
+    assert card.model_extra["weights_fingerprint"] == teacher.identity()["weights_fingerprint"]
     assert _client(base_url).models.retrieve(card.id).id == card.id
     health = httpx.get(base_url.removesuffix("/v1") + "/health")  # open without a key
     assert health.status_code == 200 and health.json()["status"] == "ok"

@@ -37,6 +37,29 @@ def test_is_a_teacher_with_identity(teacher, tiny_lm_dir, tiny_tokenizer):
     json.dumps(ident)  # plain data, storable in a manifest
 
 
+def test_identity_changes_with_the_weights(tiny_lm_dir, tiny_student_dir, tmp_path, teacher):
+    import shutil
+
+    from distill.teachers.hf import weights_fingerprint
+
+    fp = teacher.identity()["weights_fingerprint"]
+    assert fp == weights_fingerprint(shutil.copytree(tiny_lm_dir, tmp_path / "copy"))  # content, not path
+    assert fp != weights_fingerprint(tiny_student_dir)
+    # One weight changed in place (header untouched): a retrained checkpoint is told apart.
+    changed = shutil.copytree(tiny_lm_dir, tmp_path / "changed")
+    with open(changed / "model.safetensors", "r+b") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+        name = sorted(k for k in header if k != "__metadata__")[len(header) // 2]
+        f.seek(8 + header_len + header[name]["data_offsets"][0])
+        first = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([first[0] ^ 1]))
+    assert weights_fingerprint(changed) != fp
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        weights_fingerprint(tmp_path)
+
+
 def test_vocab_hash_tells_tokenizers_apart(tiny_tokenizer):
     from distill.tiny import train_tokenizer
 

@@ -23,18 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from distill.teachers.base import Completion, GenerationSettings, Request
+from distill.teachers.identity import text_hash, vocab_hash, weights_fingerprint
+
+__all__ = ["CAPTURE_TEMPERATURE", "Generation", "HFTeacher", "Score", "vocab_hash", "weights_fingerprint"]
 
 CAPTURE_TEMPERATURE = 1.0
 """Temperature at which `HFTeacher` computes top-k log-probabilities (the raw model distribution)."""
-
-
-def vocab_hash(tokenizer) -> str:
-    """sha256 (hex) of the tokenizer's vocabulary as a sorted ``[[token, id], ...]`` JSON list.
-
-    Two tokenizers with the same hash map every token string to the same id (added tokens included).
-    """
-    items = sorted(tokenizer.get_vocab().items())
-    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 @dataclass
@@ -145,6 +139,9 @@ class HFTeacher:
             "name": path.resolve().name,
             "model_type": getattr(self.model.config, "model_type", None),
             "tokenizer": {"name": path.resolve().name, "vocab_hash": vocab_hash(self.tokenizer)},
+            "weights_fingerprint": weights_fingerprint(path),
+            "chat_template_hash": text_hash(getattr(self.tokenizer, "chat_template", None)),
+            "eos_token_ids": sorted(self._eos_ids),
             "capture_temperature": CAPTURE_TEMPERATURE,
         }
 
@@ -171,9 +168,11 @@ class HFTeacher:
     # --- public API -------------------------------------------------------------------------
 
     def identity(self) -> dict[str, Any]:
-        """``{"kind": "hf", "name", "model_type", "tokenizer": {"name", "vocab_hash"}, "capture_temperature"}``.
+        """Who answers, as plain JSON data: ``{"kind": "hf", "name", "model_type", "tokenizer": {"name",
+        "vocab_hash"}, "weights_fingerprint", "chat_template_hash", "eos_token_ids", "capture_temperature"}``.
 
-        ``name`` is the model directory's name (stable when the directory moves)."""
+        ``name`` is the model directory's name. The fingerprint and hashes change when the weights,
+        chat template or stop tokens change, so a record made by an older model is never reused."""
         return json.loads(json.dumps(self._identity))
 
     def encode(self, request: Request) -> list[int]:
