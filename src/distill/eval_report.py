@@ -35,9 +35,10 @@ def summary_table(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
         vals = []
         for who in ("student", "teacher"):
             m = result[who]
-            vals.append(
-                m["latency_ms"][key.split("_")[1]] if key.startswith("latency_") else m.get(key, "n/a")
-            )
+            if key.startswith("latency_"):
+                vals.append(m["latency_ms"][key.split("_")[1]] if m["latency_ms"] else None)
+            else:
+                vals.append(m.get(key, "n/a"))
         if vals == ["n/a", "n/a"]:
             continue
         rows.append([label.format(metric=result["metric"]), *[None if v == "n/a" else v for v in vals]])
@@ -92,7 +93,7 @@ def _plots(result: dict[str, Any], out: Path) -> dict[str, Path]:
     fig, (ax,) = rep.figure(1)
     costs = [s["cost_per_1m_requests"], t["cost_per_1m_requests"]]
     use_cost = all(c is not None for c in costs)
-    xs = costs if use_cost else [s["latency_ms"]["p50"], t["latency_ms"]["p50"]]
+    xs = costs if use_cost else [(m["latency_ms"] or {}).get("p50", float("nan")) for m in (s, t)]
     for x, q, name, colour in zip(
         xs, [s["quality"], t["quality"]], ["student", "teacher"], ["tab:blue", "tab:red"]
     ):
@@ -104,10 +105,8 @@ def _plots(result: dict[str, Any], out: Path) -> dict[str, Path]:
     paths["quality_vs_cost"] = rep.save_figure(fig, out / "plots" / "quality_vs_cost.png")
 
     fig, (ax,) = rep.figure(1)
-    lat = [
-        [r["student_latency_ms"] for r in result["per_input"]],
-        [r["teacher_latency_ms"] for r in result["per_input"]],
-    ]
+    lat = [[r[f"{who}_latency_ms"] for r in result["per_input"]] for who in ("student", "teacher")]
+    lat = [[v for v in vs if v == v] or [float("nan")] for vs in lat]  # store answers have no latency (NaN)
     ax.boxplot(lat, showfliers=True)
     ax.set_xticks([1, 2], ["student", "teacher"])
     ax.set_yscale("log")

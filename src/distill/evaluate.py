@@ -313,10 +313,14 @@ def _model_summary(records, who: str, runner: Runner, cfg: EvalConfig, metric: s
         out["calibration_error"] = calibration_error(conf, correct, cfg.calibration_bins)
     else:
         out["calibration_error"] = None
-    out["latency_ms"] = {f"p{p}": float(np.percentile(lat, p)) for p in (50, 95, 99)}
-    out["latency_ms"]["mean"] = float(lat.mean())
-    out["throughput_per_s"] = 1000.0 / float(lat.mean()) if lat.mean() > 0 else None
-    out["throughput_note"] = "sequential, batch size 1"
+    if np.isnan(lat).all():  # answers read from a store: nothing was run
+        out["latency_ms"], out["throughput_per_s"] = None, None
+        out["throughput_note"] = "not measured (answers read from a store)"
+    else:
+        out["latency_ms"] = {f"p{p}": float(np.percentile(lat, p)) for p in (50, 95, 99)}
+        out["latency_ms"]["mean"] = float(lat.mean())
+        out["throughput_per_s"] = 1000.0 / float(lat.mean()) if lat.mean() > 0 else None
+        out["throughput_note"] = "sequential, batch size 1"
     out["input_tokens_mean"] = float(np.mean([r[who].input_tokens for r in records]))
     out["output_tokens_mean"] = float(np.mean([r[who].output_tokens for r in records]))
     return out
@@ -395,9 +399,8 @@ def evaluate(
     _costs(result, prices, problems)
     s, t = result["student"], result["teacher"]
     result["quality_retained"] = s["quality"] / t["quality"] if t["quality"] > 0 else None
-    result["speedup"] = (
-        t["latency_ms"]["p50"] / s["latency_ms"]["p50"] if s["latency_ms"]["p50"] > 0 else None
-    )
+    timed = s["latency_ms"] and t["latency_ms"] and s["latency_ms"]["p50"] > 0
+    result["speedup"] = t["latency_ms"]["p50"] / s["latency_ms"]["p50"] if timed else None
     sc, tc = s["cost_per_1m_requests"], t["cost_per_1m_requests"]
     result["cost_ratio"] = sc / tc if sc is not None and tc else None
     if not cfg.slice_column:

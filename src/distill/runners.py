@@ -6,7 +6,8 @@
   of numbers in the ``x`` column, or the column given);
 - any other directory -> `TeacherRunner` over a local causal LM (`distill.teachers.hf.HFTeacher`);
 - ``http://...`` / ``https://...`` -> `TeacherRunner` over an OpenAI-compatible endpoint
-  (`distill.teachers.api.APITeacher`; its API key from the environment only).
+  (`distill.teachers.api.APITeacher`; its API key from the environment only);
+- a `distill.store` directory (teacher only) -> `StoreRunner`: answers generated earlier.
 
 A runner answers one input at a time (``answer(row) -> Answer``) so each request has its own
 latency and its own failure: a request that fails is an `Answer` with ``error`` set, never an
@@ -153,6 +154,8 @@ class TeacherRunner:
 
     def info(self) -> dict[str, Any]:
         model = getattr(self.teacher, "model", None)
+        if not hasattr(model, "parameters"):  # an HTTP teacher's `model` is the model's name
+            model = None
         params = sum(p.numel() for p in model.parameters()) if model is not None else None
         weights = (
             sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
@@ -189,6 +192,54 @@ class TeacherRunner:
         )
 
 
+class StoreRunner:
+    """Answers already in a `distill.store` (from ``distill generate``), looked up by ``id``, else by prompt.
+
+    Nothing is run, so there is no latency: ``latency_ms`` is NaN and the report says so."""
+
+    kind = "text"
+
+    def __init__(self, path: str | Path, input_column: str | None = None) -> None:
+        from distill import store
+
+        self.path = Path(path)
+        self.name = f"store:{self.path.name}"
+        self.input_column = input_column
+        self.by_id: dict[str, dict[str, Any]] = {}
+        self.by_prompt: dict[str, dict[str, Any]] = {}
+        for rec in store.open(self.path):
+            if rec.get("id") is not None:
+                self.by_id[str(rec["id"])] = rec
+            self.by_prompt[json.dumps(rec["prompt"], sort_keys=True)] = rec
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "params": None, "weights_mb": None}
+
+    def answer(self, row: Mapping[str, Any]) -> Answer:
+        rec = self.by_id.get(str(row["id"])) if row.get("id") is not None else None
+        if rec is None:
+            try:
+                req = row_request(row, 0, self.input_column)
+            except ValueError as err:
+                return Answer(error=str(err), error_kind="unusable input", latency_ms=float("nan"))
+            prompt = req.prompt if req.prompt is not None else [dict(m) for m in req.messages]
+            rec = self.by_prompt.get(json.dumps(prompt, sort_keys=True))
+        if rec is None:
+            return Answer(error=f"no answer in {self.path} for id {row.get('id')!r}", error_kind="not in store",
+                          latency_ms=float("nan"))  # fmt: skip
+        return Answer(
+            rec["completion"],
+            float("nan"),
+            top_logprobs=rec["topk_logprobs"],
+            top_ids=rec["topk_ids"],
+            prompt_ids=rec["prompt_token_ids"],
+            completion_ids=rec["completion_token_ids"],
+            input_tokens=int(rec["usage"]["prompt_tokens"] or 0),
+            output_tokens=int(rec["usage"]["completion_tokens"] or 0),
+            extra={"finish_reason": rec["finish_reason"]},
+        )
+
+
 def is_classifier_dir(path: Path) -> bool:
     config = path / "config.json"
     if not config.is_file():
@@ -199,8 +250,17 @@ def is_classifier_dir(path: Path) -> bool:
         return False
 
 
-def open_model(spec: str, role: str, *, settings: Any = None, input_column: str | None = None) -> Runner:
-    """A runner for ``spec`` (see the module docstring); ``role`` ("student"/"teacher") names it in errors."""
+def open_model(
+    spec: str,
+    role: str,
+    *,
+    settings: Any = None,
+    input_column: str | None = None,
+    api_key_env: str | None = None,
+) -> Runner:
+    """A runner for ``spec`` (see the module docstring); ``role`` ("student"/"teacher") names it in errors.
+
+    ``api_key_env``: NAME of the environment variable holding an HTTP endpoint's key (never the key)."""
     from distill.teachers.base import GenerationSettings
 
     settings = settings or GenerationSettings(max_new_tokens=32, top_logprobs=5)
@@ -209,12 +269,16 @@ def open_model(spec: str, role: str, *, settings: Any = None, input_column: str 
             from distill.teachers.api import APITeacher
         except ImportError as err:
             raise ValueError(f"--{role} {spec}: HTTP models need distill.teachers.api ({err})") from None
-        return TeacherRunner(APITeacher(spec), spec, settings, input_column)
+        return TeacherRunner(APITeacher(spec, api_key_env=api_key_env), spec, settings, input_column)
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"--{role}: no such model directory or URL: {spec}")
     if is_classifier_dir(path):
         return ClassifierRunner(path, input_column or "x")
+    if (path / "manifest.json").is_file():
+        if role != "teacher":
+            raise ValueError(f"--{role} {spec}: a store of answers can only stand in for the teacher")
+        return StoreRunner(path, input_column)
     if path.is_dir():
         from distill.teachers.hf import HFTeacher
 

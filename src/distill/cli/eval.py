@@ -14,7 +14,9 @@ from distill.teachers.base import GenerationSettings
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--student", required=True, help="student: model directory or http(s) URL")
-    p.add_argument("--teacher", required=True, help="teacher: model directory or http(s) URL")
+    p.add_argument(
+        "--teacher", required=True, help="teacher: model directory, http(s) URL, or a store of its answers"
+    )
     p.add_argument(
         "--inputs", required=True, help="production inputs (JSONL/JSON/CSV/Parquet), gold answers optional"
     )
@@ -30,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--input-column", default=None, help="input column (default: prompt/messages, or x for classifiers)"
     )
+    p.add_argument("--teacher-api-key-env", default=None, help="NAME of the env variable holding the API key")
     p.add_argument("--reference-column", default=None, help="gold-answer column (default: label/answer/...)")
     p.add_argument(
         "--slice-column", default=None, help="column to break results down by (default: input length)"
@@ -57,7 +60,13 @@ def run(args: argparse.Namespace) -> int:
         rows = rows[: args.limit]
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, top_logprobs=args.top_logprobs)
     student = open_model(args.student, "student", settings=settings, input_column=args.input_column)
-    teacher = open_model(args.teacher, "teacher", settings=settings, input_column=args.input_column)
+    teacher = open_model(
+        args.teacher,
+        "teacher",
+        settings=settings,
+        input_column=args.input_column,
+        api_key_env=args.teacher_api_key_env,
+    )
     result = evaluate(student, teacher, rows, cfg, prices)
     files = write_reports(result, args.out)
     print_summary(result)
