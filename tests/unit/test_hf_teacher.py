@@ -175,6 +175,8 @@ def test_chat_uses_the_chat_template(teacher, tiny_tokenizer):
 def test_bad_input_is_refused_before_work(tmp_path, teacher, tiny_lm_dir):
     with pytest.raises(FileNotFoundError, match="nope"):
         HFTeacher(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="config.json and \\*.safetensors"):
+        HFTeacher(tmp_path)
     with pytest.raises(ValueError, match="batch_size"):
         HFTeacher(tiny_lm_dir, batch_size=0)
     with pytest.raises(ValueError, match="dtype"):

@@ -104,7 +104,11 @@ class HFTeacher:
 
         path = Path(model_dir)
         if not path.is_dir():
-            raise FileNotFoundError(f"teacher model directory {str(model_dir)!r} does not exist")
+            raise FileNotFoundError(f"model directory {str(model_dir)!r} does not exist")
+        if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
+            raise FileNotFoundError(
+                f"{str(model_dir)!r} is not a saved model: it needs config.json and *.safetensors weights"
+            )
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
         if dtype is None:
@@ -116,10 +120,16 @@ class HFTeacher:
         self.model_dir = path
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
-        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
-        ).to(self.device)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot load a tokenizer from {str(model_dir)!r}: {str(err)[:300]}") from None
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+            ).to(self.device)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot load a causal LM from {str(model_dir)!r}: {str(err)[:300]}") from None
         self.model.eval()
         self._lock = threading.Lock()
         # The Rust tokenizer must not be re-configured from two threads at once ("Already borrowed").
