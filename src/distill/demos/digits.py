@@ -384,7 +384,9 @@ def _plot(path: Path, result: dict[str, Any]) -> None:
         title="accuracy vs T",
     )
     ax_t.set_xticks(temps, [f"{x:g}" for x in temps])
+    levels = [*(mean - std), *(mean + std), s["hard"]["val_accuracy"]["mean"] * 100, t["val_accuracy"] * 100]
+    ax_t.set_ylim(min(levels) - 0.5, max(levels) + 0.5)  # keep the reference lines off the frame
     for ax in (ax_p, ax_l, ax_t):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="center right" if ax is ax_t else "lower right")
     report.save_figure(fig, path)
