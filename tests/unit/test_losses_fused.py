@@ -182,11 +182,24 @@ def test_extreme_hidden_states_stay_finite():
     with torch.no_grad():
         hidden.mul_(1e4)
     for t in (teacher, SparseTargets.from_logits(teacher, 3)):
-        value = fused_linear_kd_loss(
-            hidden, weight, t, loss="reverse_kl", labels=labels, ce_weight=0.5, chunk_size=2
-        )
-        grads = _grads(value, (hidden, weight))
-        assert torch.isfinite(value) and all(torch.isfinite(g).all() for g in grads)
+        for name in ("forward_kl", "reverse_kl"):
+            value = fused_linear_kd_loss(
+                hidden, weight, t, loss=name, labels=labels, ce_weight=0.5, chunk_size=2
+            )
+            grads = _grads(value, (hidden, weight))
+            assert torch.isfinite(value) and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_teacher_with_minus_inf_logits():
+    # A teacher that bans tokens (logit -inf): p_T = 0 there, and those entries contribute 0.
+    hidden, weight, _, teacher, _, _ = _problem(6, 4, 12, seed=9, bias=False)
+    teacher[:, :3] = float("-inf")
+    for name in ("forward_kl", "soft_cross_entropy", "generalized_jsd"):
+        fused = fused_linear_kd_loss(hidden, weight, teacher, loss=name, chunk_size=4, temperature=1.5)
+        dense = _dense(hidden, weight, None, teacher, loss=name, temperature=1.5)
+        assert torch.isfinite(fused) and fused.item() == pytest.approx(dense.item(), rel=1e-12)
+        for a, b in zip(_grads(fused, (hidden, weight)), _grads(dense, (hidden, weight))):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
 
 
 def test_batched_shapes_frozen_head_and_bf16():
