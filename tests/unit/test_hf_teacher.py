@@ -34,6 +34,7 @@ def test_is_a_teacher_with_identity(teacher, tiny_lm_dir, tiny_tokenizer):
     assert ident["tokenizer"]["vocab_hash"] == vocab_hash(tiny_tokenizer)
     assert len(ident["tokenizer"]["vocab_hash"]) == 64
     assert ident["capture_temperature"] == CAPTURE_TEMPERATURE == 1.0
+    assert ident["dtype"] == "float32" and ident["eos_token_ids"] == [tiny_tokenizer.eos_token_id]
     json.dumps(ident)  # plain data, storable in a manifest
 
 

@@ -148,6 +148,7 @@ class HFTeacher:
             "kind": "hf",
             "name": path.resolve().name,
             "model_type": getattr(self.model.config, "model_type", None),
+            "dtype": str(self.model.dtype).removeprefix("torch."),  # bf16 and fp32 answers differ
             "tokenizer": {"name": path.resolve().name, "vocab_hash": vocab_hash(self.tokenizer)},
             "weights_fingerprint": weights_fingerprint(path),
             "chat_template_hash": text_hash(getattr(self.tokenizer, "chat_template", None)),
@@ -178,7 +179,7 @@ class HFTeacher:
     # --- public API -------------------------------------------------------------------------
 
     def identity(self) -> dict[str, Any]:
-        """Who answers, as plain JSON data: ``{"kind": "hf", "name", "model_type", "tokenizer": {"name",
+        """Who answers, as plain JSON data: ``{"kind": "hf", "name", "model_type", "dtype", "tokenizer": {"name",
         "vocab_hash"}, "weights_fingerprint", "chat_template_hash", "eos_token_ids", "capture_temperature"}``.
 
         ``name`` is the model directory's name. The fingerprint and hashes change when the weights,
