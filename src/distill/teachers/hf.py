@@ -255,7 +255,9 @@ class HFTeacher:
         """Answer ``requests`` in order, with each generated token's log-probability. All prompts are tokenised and length-checked before any decoding.
 
         Requests are decoded ``batch_size`` at a time (similar lengths together, left-padded);
-        greedy results do not depend on the batching. Generation stops at an end-of-sequence token
+        in float32, greedy results do not depend on the batching (log-probabilities agree to ~1e-6).
+        In bfloat16/float16 the rounding depends on the batch shape, so a near-tie can break
+        differently: load in float32 when runs must match exactly. Generation stops at an end-of-sequence token
         (kept as the last completion token id, with its log-probabilities; not in ``text``) or after
         ``settings.max_new_tokens`` tokens.
         """
