@@ -192,7 +192,7 @@ def build_app(backend: Backend, *, api_key: str | None = None, limits: ServeLimi
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_id}
+        return {"status": "ok"}  # open to anyone: says nothing about the model
 
     def model_card() -> dict[str, Any]:
         card = {"id": model_id, "object": "model", "created": 0, "owned_by": "distill"}

@@ -264,7 +264,8 @@ def test_default_bind_is_loopback_only(tiny_lm_dir, tmp_path):
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")
             time.sleep(0.2)
         assert f"Uvicorn running on http://127.0.0.1:{port}" in log.read_text()
-        assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+        assert httpx.get(f"http://127.0.0.1:{port}/health").json() == {"status": "ok"}
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 200  # no key configured: open
         for addr in _non_loopback_addresses():  # not reachable from other interfaces
             with pytest.raises(OSError), socket.create_connection((addr, port), timeout=2):
                 pass
