@@ -31,12 +31,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from distill.serve_format import (
     APIError,
     ServeLimits,
+    apply_stop,
     chat_choice,
     completion_choice,
     fan_out,
     parse_messages,
     parse_prompts,
     parse_settings,
+    parse_stop,
     read_json,
     too_large,
 )
@@ -222,7 +224,8 @@ def build_app(backend: Backend, *, api_key: str | None = None, limits: ServeLimi
         settings, n = parse_settings(body, limits, chat=False)
         k = settings.top_logprobs if body.get("logprobs") is not None else None
         reqs = fan_out(prompts, n, body, lambda rid, p: TeacherRequest(id=rid, prompt=p))
-        gens = await _run(batcher, reqs, settings)
+        stops = parse_stop(body)
+        gens = [apply_stop(g, stops, backend.token_bytes) for g in await _run(batcher, reqs, settings)]
         choices = [completion_choice(i, g, backend.token_bytes, k) for i, g in enumerate(gens)]
         return _response("cmpl", "text_completion", model_id, choices, gens, n)
 
@@ -235,7 +238,8 @@ def build_app(backend: Backend, *, api_key: str | None = None, limits: ServeLimi
         reqs = fan_out([messages], n, body, lambda rid, m: TeacherRequest(id=rid, messages=m))
         if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
             settings = await _fit_context(backend, reqs[0], settings)
-        gens = await _run(batcher, reqs, settings)
+        stops = parse_stop(body)
+        gens = [apply_stop(g, stops, backend.token_bytes) for g in await _run(batcher, reqs, settings)]
         choices = [chat_choice(i, g, backend.token_bytes, k) for i, g in enumerate(gens)]
         out = _response("chatcmpl", "chat.completion", model_id, choices, gens, n)
         out["prompt_token_ids"] = gens[0].completion.prompt_token_ids  # as vLLM does for chat

@@ -11,6 +11,7 @@ too (its text is not part of ``text``/``content``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import uuid
@@ -118,7 +119,6 @@ _UNSUPPORTED = {
     "suffix": None,
     "logit_bias": None,
     "tools": None,
-    "stop": None,
 }
 
 
@@ -148,6 +148,44 @@ def parse_settings(body: dict, limits: ServeLimits, *, chat: bool) -> tuple[Gene
         max_new_tokens=max_new, temperature=temperature, top_p=top_p, top_logprobs=k, seed=seed or 0
     )
     return settings, n
+
+
+def parse_stop(body: dict) -> list[str]:
+    """OpenAI's ``stop``: a string or up to 4 non-empty strings; [] when absent."""
+    stop = body.get("stop")
+    stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(x, str) and x for x in stops):
+        raise APIError(
+            400, f"stop must be a non-empty string or a list of up to 4, got {stop!r:.80}", param="stop"
+        )
+    return stops
+
+
+def apply_stop(g: Generation, stops: list[str], token_bytes: Callable[[int], bytes]) -> Generation:
+    """Cut ``g`` at the first stop string: the text ends before it, token ids and log-probabilities
+    end with the token that completed it, ``finish_reason`` becomes "stop" (as OpenAI does)."""
+    c = g.completion
+    hits = [(c.text.find(x), x) for x in stops if x in c.text]
+    if not hits:
+        return g
+    cut, _ = min(hits)
+    ids = c.completion_token_ids or []
+    raw, n = b"", len(ids)
+    for j, t in enumerate(ids):
+        raw += token_bytes(t)
+        if any(x in raw.decode("utf-8", errors="replace") for x in stops):
+            n = j + 1
+            break
+    cut_c = dataclasses.replace(
+        c,
+        text=c.text[:cut],
+        finish_reason="stop",
+        completion_token_ids=ids[:n],
+        top_ids=None if c.top_ids is None else c.top_ids[:n],
+        top_logprobs=None if c.top_logprobs is None else c.top_logprobs[:n],
+        usage={**c.usage, "completion_tokens": n},
+    )
+    return Generation(cut_c, g.token_logprobs[:n])
 
 
 def parse_prompts(body: dict, limits: ServeLimits) -> list[str]:

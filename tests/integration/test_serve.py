@@ -130,6 +130,35 @@ def test_chat_without_max_tokens_fits_the_context(server):
     assert usage["completion_tokens"] == len(r.json()["choices"][0]["token_ids"]) >= 1
 
 
+def test_stop_strings_cut_text_ids_and_logprobs(server, teacher):
+    body = {"model": "m", "max_tokens": 12, "temperature": 0, "logprobs": 2}
+    for prompt in [f"Invoice {i:04d} from Acme" for i in range(20)]:
+        full = _post(server, "/completions", {**body, "prompt": prompt}).json()["choices"][0]
+        texts = [teacher.token_bytes(t).decode("utf-8", errors="replace") for t in full["token_ids"]]
+        j = next(
+            (j for j in range(2, len(texts)) if _clean(texts[j]) and texts[j] not in "".join(texts[:j])), None
+        )
+        if j is not None:
+            break
+    else:
+        pytest.skip("no printable, unrepeated token in the tiny model's answers")
+    stop = texts[j]
+    cut = _post(server, "/completions", {**body, "prompt": prompt, "stop": [stop, "never-there"]}).json()
+    choice = cut["choices"][0]
+    assert choice["finish_reason"] == "stop"
+    assert choice["text"] == full["text"][: full["text"].index(stop)] and stop not in choice["text"]
+    assert choice["token_ids"] == full["token_ids"][: j + 1]  # through the token that completed the stop
+    assert choice["logprobs"]["token_logprobs"] == full["logprobs"]["token_logprobs"][: j + 1]
+    assert choice["top_token_ids"] == full["top_token_ids"][: j + 1]
+    assert cut["usage"]["completion_tokens"] == j + 1
+    assert _post(server, "/completions", {**body, "prompt": prompt, "stop": [""]}).status_code == 400
+    assert _post(server, "/completions", {**body, "prompt": prompt, "stop": ["a"] * 5}).status_code == 400
+
+
+def _clean(text: str) -> bool:
+    return text.strip() != "" and text.isprintable() and "\ufffd" not in text and "<" not in text
+
+
 def test_models_and_health(server, teacher):
     base_url, _, seen = server
     models = _client(base_url).models.list()
