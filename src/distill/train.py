@@ -388,6 +388,7 @@ def train(cfg: TrainConfig, *, accelerator=None, console=None) -> TrainResult:
                     "loss": loss_value,
                     "tokens": tokens_seen,
                     "tokens_per_s": tps,
+                    "elapsed_s": time.perf_counter() - t_loop,
                     "lr": lr,
                     "on_policy": on_policy,
                     **{k: float(v) / max(n_total, 1) for k, v in zip(parts_sum, red[1:])},
