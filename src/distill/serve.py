@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from distill.serve_format import (
@@ -39,7 +40,9 @@ from distill.serve_format import (
     parse_prompts,
     parse_settings,
     parse_stop,
+    parse_stream,
     read_json,
+    stream_events,
     too_large,
 )
 from distill.teachers.base import GenerationSettings
@@ -224,10 +227,10 @@ def build_app(backend: Backend, *, api_key: str | None = None, limits: ServeLimi
         settings, n = parse_settings(body, limits, chat=False)
         k = settings.top_logprobs if body.get("logprobs") is not None else None
         reqs = fan_out(prompts, n, body, lambda rid, p: TeacherRequest(id=rid, prompt=p))
-        stops = parse_stop(body)
+        stops, stream = parse_stop(body), parse_stream(body)
         gens = [apply_stop(g, stops, backend.token_bytes) for g in await _run(batcher, reqs, settings)]
         choices = [completion_choice(i, g, backend.token_bytes, k) for i, g in enumerate(gens)]
-        return _response("cmpl", "text_completion", model_id, choices, gens, n)
+        return _reply(_response("cmpl", "text_completion", model_id, choices, gens, n), stream, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -238,12 +241,12 @@ def build_app(backend: Backend, *, api_key: str | None = None, limits: ServeLimi
         reqs = fan_out([messages], n, body, lambda rid, m: TeacherRequest(id=rid, messages=m))
         if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
             settings = await _fit_context(backend, reqs[0], settings)
-        stops = parse_stop(body)
+        stops, stream = parse_stop(body), parse_stream(body)
         gens = [apply_stop(g, stops, backend.token_bytes) for g in await _run(batcher, reqs, settings)]
         choices = [chat_choice(i, g, backend.token_bytes, k) for i, g in enumerate(gens)]
         out = _response("chatcmpl", "chat.completion", model_id, choices, gens, n)
         out["prompt_token_ids"] = gens[0].completion.prompt_token_ids  # as vLLM does for chat
-        return out
+        return _reply(out, stream, chat=True)
 
     return app
 
@@ -274,6 +277,13 @@ async def _run(
     except Exception:
         log.exception("generation failed")
         raise APIError(500, "generation failed; see the server log") from None
+
+
+def _reply(out: dict, stream: tuple[bool, bool], *, chat: bool):
+    if not stream[0]:
+        return out
+    events = stream_events(out, chat=chat, include_usage=stream[1])
+    return StreamingResponse(iter(events), media_type="text/event-stream")
 
 
 def _response(prefix: str, obj: str, model_id: str, choices: list, gens: list[Generation], n: int) -> dict:

@@ -114,7 +114,6 @@ def _float(body: dict, name: str, default: float, lo: float, hi: float, *, open_
 
 
 _UNSUPPORTED = {
-    "stream": False,
     "echo": False,
     "suffix": None,
     "logit_bias": None,
@@ -148,6 +147,42 @@ def parse_settings(body: dict, limits: ServeLimits, *, chat: bool) -> tuple[Gene
         max_new_tokens=max_new, temperature=temperature, top_p=top_p, top_logprobs=k, seed=seed or 0
     )
     return settings, n
+
+
+def parse_stream(body: dict) -> tuple[bool, bool]:
+    """``(stream, include_usage)`` from ``stream`` and ``stream_options.include_usage``."""
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool | None):
+        raise APIError(400, f"stream must be a boolean, got {stream!r:.40}", param="stream")
+    options = body.get("stream_options")
+    if options is not None and (not stream or not isinstance(options, dict)):
+        raise APIError(400, "stream_options needs stream: true and must be an object", param="stream_options")
+    return bool(stream), bool((options or {}).get("include_usage", False))
+
+
+def stream_events(out: dict, *, chat: bool, include_usage: bool) -> list[str]:
+    """A finished response as server-sent events in OpenAI's chunk format, ending with ``[DONE]``.
+
+    Generation is complete before the first event: each choice comes as one chunk with its whole
+    text (and log-probabilities, token ids), then one with its ``finish_reason``.
+    """
+    head = {"id": out["id"], "object": out["object"] + ".chunk" if chat else out["object"]}
+    head |= {"created": out["created"], "model": out["model"]}
+    if include_usage:
+        head["usage"] = None
+    events = []
+    for c in out["choices"]:
+        first = {k: v for k, v in c.items() if k not in ("message", "finish_reason")}
+        if chat:
+            first["delta"] = {"role": "assistant", "content": c["message"]["content"]}
+            last = {"index": c["index"], "delta": {}, "logprobs": None, "finish_reason": c["finish_reason"]}
+        else:
+            last = {"index": c["index"], "text": "", "logprobs": None, "finish_reason": c["finish_reason"]}
+        first["finish_reason"] = None
+        events += [{**head, "choices": [first]}, {**head, "choices": [last]}]
+    if include_usage:
+        events.append({**head, "choices": [], "usage": out["usage"]})
+    return [f"data: {json.dumps(e, allow_nan=False)}\n\n" for e in events] + ["data: [DONE]\n\n"]
 
 
 def parse_stop(body: dict) -> list[str]:

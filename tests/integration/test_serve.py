@@ -159,6 +159,41 @@ def _clean(text: str) -> bool:
     return text.strip() != "" and text.isprintable() and "\ufffd" not in text and "<" not in text
 
 
+def test_openai_client_streaming(server):
+    base_url, _, _ = server
+    client = _client(base_url)
+    messages = [{"role": "user", "content": "Invoice 0042 from Acme"}]
+    args = {"model": "m", "max_tokens": 6, "temperature": 0}
+    whole = client.chat.completions.create(messages=messages, logprobs=True, top_logprobs=2, **args)
+    chunks = list(
+        client.chat.completions.create(
+            messages=messages,
+            logprobs=True,
+            top_logprobs=2,
+            stream=True,
+            stream_options={"include_usage": True},
+            **args,
+        )
+    )
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        == whole.choices[0].message.content
+    )
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    streamed_lps = [
+        e.logprob
+        for c in chunks
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content
+    ]
+    assert streamed_lps == [e.logprob for e in whole.choices[0].logprobs.content]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    text = client.completions.create(prompt="Invoice 0042", **args)
+    streamed = list(client.completions.create(prompt="Invoice 0042", stream=True, **args))
+    assert "".join(c.choices[0].text for c in streamed) == text.choices[0].text
+    assert streamed[-1].choices[0].finish_reason == text.choices[0].finish_reason
+
+
 def test_models_and_health(server, teacher):
     base_url, _, seen = server
     models = _client(base_url).models.list()
@@ -220,7 +255,9 @@ def test_large_bodies_get_413(server):
         ("/completions", {"temperature": 7}, "temperature"),
         ("/completions", {"temperature": "hot"}, "temperature"),
         ("/completions", {"top_p": 0}, "top_p"),
-        ("/completions", {"stream": True}, "stream"),
+        ("/completions", {"stream": "yes"}, "stream"),
+        ("/completions", {"stream_options": {"include_usage": True}}, "stream_options"),
+        ("/completions", {"stop": ""}, "stop"),
         ("/completions", {"prompt": [1, 2, 3]}, "prompt"),
         ("/chat/completions", {"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
         ("/chat/completions", {"top_logprobs": 3}, "top_logprobs"),  # without logprobs=true
