@@ -143,9 +143,15 @@ class _FusedLinearKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
         saved = iter(ctx.saved_tensors)
+        # The loss is usually the final scalar (grad_out = 1): skip a (V, H) copy then.
+        scale = None if bool(grad_out == 1) else grad_out
         grads = []
         for needed, dtype in zip(ctx.which, ctx.dtypes):
-            grads.append((next(saved) * grad_out).to(dtype) if needed else None)
+            if needed:
+                g = next(saved)
+                grads.append((g if scale is None else g * scale).to(dtype))
+            else:
+                grads.append(None)
         return (*grads, None, None, None, None)
 
 
