@@ -530,6 +530,11 @@ def compare(
         (examples per second at ``throughput_batch``). ``quality_retained`` = student accuracy /
         teacher accuracy; ``speedup`` = teacher p50 latency / student p50 latency.
     """
+    for name, model in (("teacher", teacher), ("student", student)):
+        if not callable(model):
+            raise ValueError(
+                f"{name} must be a torch.nn.Module or a callable returning logits, got {type(model)}"
+            )
     x = _features(X, "X")
     zt = predict_logits(teacher, x, name="teacher")
     zs = predict_logits(student, x, name="student")

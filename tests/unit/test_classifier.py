@@ -263,6 +263,8 @@ def test_compare_accepts_a_plain_callable(data, teacher):
 
 def test_compare_rejects_width_mismatch(data, teacher):
     _, _, Xv, yv = data
+    with pytest.raises(ValueError, match="teacher must be a torch.nn.Module or a callable"):
+        compare(np.zeros((len(Xv), 3)), teacher, Xv, yv)
     with pytest.raises(ValueError, match="student outputs 4 classes but the teacher has 3"):
         compare(teacher, mlp([8, 4, 4], seed=0), Xv, yv)
 

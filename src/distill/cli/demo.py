@@ -7,7 +7,9 @@ import importlib
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    parser.add_argument(
+        "--out", default=None, help="output directory (default: runs/demo; --task lm: runs/demo-lm)"
+    )
     parser.add_argument("--quick", action="store_true", help="smaller, faster run (~20 s) for tests")
     parser.add_argument(
         "--task", choices=("digits", "lm"), default="digits", help="which demo (default: digits)"
@@ -51,12 +53,15 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(
                 "--task lm is not available yet: distill.demos.lm is not part of this build"
             ) from None
-        lm.run(out=args.out, quick=args.quick)
+        out = args.out or "runs/demo-lm"
+        lm.run(out=out, quick=args.quick, progress=args.progress)
+        print(f"wrote {out}/report.json, report.md and plot.png")
         return 0
     from distill.demos.digits import run_digits_demo
 
+    out = args.out or "runs/demo"
     run_digits_demo(
-        args.out,
+        out,
         quick=args.quick,
         labelled=args.labelled,
         seeds=args.seeds,
@@ -65,5 +70,5 @@ def run(args: argparse.Namespace) -> int:
         calibrate=args.calibrate,
         progress=args.progress,
     )
-    print(f"wrote {args.out}/report.json, report.md, plot.png, models/ and test_inputs.jsonl")
+    print(f"wrote {out}/report.json, report.md, plot.png, models/ and test_inputs.jsonl")
     return 0
