@@ -233,7 +233,8 @@ class HFTeacher:
         cached = self._bytes_cache.get(token_id)
         if cached is not None:
             return cached
-        tok = self.tokenizer.convert_ids_to_tokens(int(token_id))
+        with self._tok_lock:
+            tok = self.tokenizer.convert_ids_to_tokens(int(token_id))
         if tok is None:
             raw = b""
         elif token_id in self._special_ids:
