@@ -1,0 +1,36 @@
+"""`distill demo --task lm --quick` end to end: report files, every model scored, the teacher cached."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from distill.cli import main
+
+
+@pytest.mark.slow
+def test_lm_demo_quick_writes_report_and_reuses_the_teacher(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--task", "lm", "--quick", "--out", str(out)]) == 0
+    r = json.loads((out / "report.json").read_text())
+    assert set(r["models"]) == {"teacher", "hard labels", "sft (teacher text)", "logits (top-k KD)"}
+    t = r["models"]["teacher"]
+    for name, m in r["models"].items():
+        assert 0.0 <= m["exact_match"] <= 1.0 and m["eval_ce"] > 0, name
+        assert m["latency_ms"] > 0 and m["params"] > 0
+        if name != "teacher":
+            assert 5 <= t["params"] / m["params"] <= 10  # a student 5-10x smaller
+            assert m["tokens"] > 0
+    assert isinstance(r["teacher_clearly_better"], bool)
+    assert (out / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| teacher |" in (out / "report.md").read_text()
+    assert (out / "store" / "manifest.json").is_file()
+    assert t["cached"] is False
+    # A second run reuses the cached teacher (same settings) instead of training it again.
+    mtime = (out / "teacher" / "model.safetensors").stat().st_mtime_ns
+    from distill.demos.lm import run
+
+    again = run(out, quick=True, progress=False, student_steps=2)
+    assert again["models"]["teacher"]["cached"] is True
+    assert (out / "teacher" / "model.safetensors").stat().st_mtime_ns == mtime
