@@ -301,7 +301,7 @@ def kd_loss(
     if not isinstance(student_logits, Tensor) or not student_logits.dtype.is_floating_point:
         raise ValueError("student_logits must be a float tensor of shape (..., V)")
     z, rows, n = _flat_rows(student_logits, mask)
-    check_against_vocab(teacher, z.shape[-1], student_logits.shape[:-1], mask)
+    check_against_vocab(teacher, z.shape[-1], student_logits.shape[:-1], mask, loss)
     per_row = kd_rows(
         z, flatten_targets(teacher), rows, loss=loss, temperature=t, tail=tail, loss_kwargs=kwargs
     )

@@ -5,6 +5,7 @@ Public names are re-exported by :mod:`distill.losses`; see docs/losses.md for th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -150,9 +151,14 @@ class SparseTargets:
 
 
 def check_against_vocab(
-    targets: SparseTargets, vocab_size: int, rows: torch.Size, mask: Tensor | None
+    targets: SparseTargets, vocab_size: int, rows: torch.Size, mask: Tensor | None, loss: str
 ) -> None:
-    """Checks that need the student's logits: the leading shape and the id range."""
+    """Checks that need the student's logits and the loss: leading shape, id range, loss for the kind."""
+    if targets.kind == "sampled" and loss not in SAMPLED_LOSSES:
+        raise ValueError(
+            f"loss {loss!r} has no unbiased estimator from sampled teacher ids; "
+            f'with kind="sampled" use one of {SAMPLED_LOSSES} (or top-k targets)'
+        )
     if tuple(targets.ids.shape[:-1]) != tuple(rows):
         raise ValueError(
             f"SparseTargets have positions {tuple(targets.ids.shape[:-1])} but the student logits "
@@ -201,11 +207,6 @@ def sparse_rows(
     s_k = zs.gather(-1, ids) - lse  # student log-probabilities of the K ids, exact
 
     if kind == "sampled":
-        if loss not in SAMPLED_LOSSES:
-            raise ValueError(
-                f"loss {loss!r} has no unbiased estimator from sampled teacher ids; "
-                f'with kind="sampled" use one of {SAMPLED_LOSSES} (or top-k targets)'
-            )
         c = counts.detach().to(z.dtype)
         # Self-normalised importance weights toward p_T ∝ p_capture^rho: a_i ∝ c_i p_i^(rho - 1).
         log_w = torch.where(c > 0, c.log() + (rho - 1.0) * torch.where(c > 0, lp, 0.0), _NEG_INF)
@@ -231,7 +232,10 @@ def sparse_rows(
     # Bucket: one extra entry holding the mass outside the top-k ids, on both sides.
     hits = torch.zeros_like(zs).scatter_add_(-1, ids, valid.to(zs.dtype)) > 0
     full = hits.all(-1, keepdim=True)  # the ids cover the vocabulary: no tail on either side
-    log_r = _log1mexp(torch.logsumexp(lp, dim=-1, keepdim=True))  # teacher tail at capture T
+    # Teacher tail at capture T. Floored at the float epsilon: captured values that sum to ~1 cannot
+    # resolve a smaller tail, and a zero tail would make reverse KL infinite for any student.
+    eps = torch.finfo(lp.dtype).eps
+    log_r = _log1mexp(torch.logsumexp(lp, dim=-1, keepdim=True)).clamp(min=math.log(eps))
     if rho != 1.0:
         # Unknown how the tail mass r spreads over the n missing ids; assume evenly (r / n each), so the
         # tail weight at the new temperature is n (r / n)^rho. Exact at rho = 1; see docs/losses.md.

@@ -315,3 +315,27 @@ def test_validation_messages():
     with pytest.raises(ValueError, match="counts sum to 0"):
         kd_loss(torch.zeros(1, 5), sampled)
     assert kd_loss(torch.zeros(1, 5), sampled, mask=torch.zeros(1, dtype=torch.bool)).item() == 0.0
+
+
+def test_rounded_topk_without_tail_mass_stays_finite():
+    # Captured top-k values that (after rounding) sum to 1 leave no resolvable tail: the teacher tail is
+    # floored at the float epsilon, so reverse KL stays finite for a student with mass outside the k ids.
+    lp = torch.log(torch.tensor([[0.75, 0.25]], dtype=torch.float32))
+    targets = SparseTargets(ids=torch.tensor([[0, 1]]), logprobs=lp)
+    zs = torch.zeros(1, 6, requires_grad=True)
+    for name in ("forward_kl", "reverse_kl", "generalized_jsd", "tvd"):
+        value = kd_loss(zs, targets, loss=name, **KWARGS.get(name, {}))
+        (g,) = torch.autograd.grad(value, zs)
+        assert torch.isfinite(value) and torch.isfinite(g).all()
+    # uniform student: q_tail = 4/6; reverse KL = sum_k q log(q/p) + q_tail log(q_tail / eps)
+    q, eps = 1 / 6, torch.finfo(torch.float32).eps
+    ref = q * np.log(q / 0.75) + q * np.log(q / 0.25) + (4 / 6) * np.log((4 / 6) / eps)
+    assert kd_loss(zs, targets, loss="reverse_kl").item() == pytest.approx(ref, rel=1e-5)
+
+
+def test_sampled_loss_check_happens_before_work():
+    targets = SparseTargets.sample_from_logits(
+        _logits(2, 5, seed=19), 3, generator=torch.Generator().manual_seed(6)
+    )
+    with pytest.raises(ValueError, match="loss 'tvd' has no unbiased estimator"):
+        kd_loss(torch.zeros(2, 5), targets, loss="tvd", mask=torch.zeros(2, dtype=torch.bool))
