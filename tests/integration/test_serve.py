@@ -290,16 +290,24 @@ def test_other_bad_requests_get_400(server):
 
 
 def test_concurrent_requests_are_batched_correctly(server, teacher):
-    prompts = [f"Invoice {i:04d} from Acme" + " Ltd" * (i % 3) for i in range(6)]
-    body = {"model": "m", "max_tokens": 6, "temperature": 0, "logprobs": 1}
-    with ThreadPoolExecutor(6) as pool:
-        answers = list(pool.map(lambda p: _post(server, "/completions", {**body, "prompt": p}), prompts))
-    want = teacher.complete(
-        [Request(id=str(i), prompt=p) for i, p in enumerate(prompts)], GenerationSettings(max_new_tokens=6)
-    )
-    for r, w in zip(answers, want):
-        assert r.status_code == 200
-        assert r.json()["choices"][0]["token_ids"] == w.completion_token_ids
+    """16 requests at once, two different settings interleaved, one bad request among them."""
+    prompts = [f"Invoice {i:04d} from Acme" + " Ltd" * (i % 3) for i in range(16)]
+    bodies = [
+        {"model": "m", "prompt": p, "max_tokens": 6 - 2 * (i % 2), "temperature": 0, "logprobs": 1}
+        for i, p in enumerate(prompts)
+    ]
+    bodies[5]["prompt"] = "Invoice " * 300  # too long for the context: a 400 that must not fail the others
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda b: _post(server, "/completions", b), bodies))
+    for i, (r, b) in enumerate(zip(answers, bodies)):
+        if i == 5:
+            assert r.status_code == 400 and "context length" in r.text
+            continue
+        want = teacher.complete(
+            [Request(id="x", prompt=b["prompt"])], GenerationSettings(max_new_tokens=b["max_tokens"])
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["token_ids"] == want[0].completion_token_ids
 
 
 def test_seeded_sampling_is_reproducible(server):
