@@ -49,21 +49,6 @@ def running_server(
     tail is put in the error when the server fails to start). The server is terminated
     (SIGTERM, then SIGKILL after 10 s) on exit.
     """
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "distill",
-        "serve",
-        str(model_dir),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    if api_key_env:
-        cmd += ["--api-key-env", api_key_env]
-    cmd += list(extra_args)
     full_env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -73,33 +58,60 @@ def running_server(
     full_env.update(env or {})
     owned_log = log_file is None
     path = Path(log_file) if log_file else Path(tempfile.mkstemp(prefix="distill-serve-", suffix=".log")[1])
-    with open(path, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env)
+    proc = None
     try:
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"distill serve exited with {proc.returncode}:\n{_tail(path)}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"distill serve did not answer /health within {startup_timeout} s:\n{_tail(path)}"
-                )
-            time.sleep(0.2)
+        for _attempt in range(3):  # another process may take the free port first: try a new one
+            port = free_port()
+            cmd = [sys.executable, "-m", "distill", "serve", str(model_dir), "--host", "127.0.0.1"]
+            cmd += ["--port", str(port)]
+            if api_key_env:
+                cmd += ["--api-key-env", api_key_env]
+            cmd += list(extra_args)
+            with open(path, "wb") as out:
+                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env)
+            if _wait_ready(proc, port, path, startup_timeout):
+                break
+            _stop(proc)
+        else:
+            raise RuntimeError(f"distill serve found no free port in 3 tries:\n{_tail(path)}")
         yield f"http://127.0.0.1:{port}/v1"
     finally:
+        if proc is not None:
+            _stop(proc)
+        if owned_log:
+            path.unlink(missing_ok=True)
+
+
+def _wait_ready(proc: subprocess.Popen, port: int, log: Path, timeout: float) -> bool:
+    """True once THIS process listens on ``port`` and answers /health; False if the port was taken."""
+    deadline = time.monotonic() + timeout
+    bound = f"Uvicorn running on http://127.0.0.1:{port}"  # printed only after our own bind succeeded
+    while True:
+        text = log.read_text(errors="replace")
+        if proc.poll() is not None:
+            if "address already in use" in text.lower():
+                return False
+            raise RuntimeError(f"distill serve exited with {proc.returncode}:\n{_tail(log)}")
+        if bound in text:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2.0).status_code == 200:
+                    return True
+            except httpx.TransportError:
+                pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"distill serve did not answer /health within {timeout} s:\n{_tail(log)}")
+        time.sleep(0.2)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 10 s."""
+    if proc.poll() is None:
         proc.terminate()
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        if owned_log:
-            path.unlink(missing_ok=True)
 
 
 def _tail(path: Path, n: int = 4000) -> str:

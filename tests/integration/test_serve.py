@@ -369,3 +369,31 @@ def test_missing_key_variable_is_a_clear_error(tiny_lm_dir):
     )
     assert out.returncode == 2
     assert "DISTILL_UNSET_KEY" in out.stderr and "not set" in out.stderr
+
+
+def test_running_server_is_not_fooled_by_a_taken_port(tiny_lm_dir, monkeypatch):
+    """An impostor answering /health on the first port picked: the helper must retry, not use it."""
+    import http.server
+    import threading
+
+    import servers
+
+    class Impostor(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b'{"status": "ok"}')
+
+        def log_message(self, *args):
+            pass
+
+    impostor = http.server.HTTPServer(("127.0.0.1", 0), Impostor)
+    threading.Thread(target=impostor.serve_forever, daemon=True).start()
+    ports = iter([impostor.server_address[1], free_port()])
+    monkeypatch.setattr(servers, "free_port", lambda: next(ports))
+    try:
+        with running_server(tiny_lm_dir) as base_url:
+            assert not base_url.endswith(f":{impostor.server_address[1]}/v1")
+            assert httpx.get(base_url + "/models").json()["data"][0]["id"] == tiny_lm_dir.name
+    finally:
+        impostor.shutdown()
