@@ -141,7 +141,11 @@ def create_app(
     batch_size: int = 8,
     trust_remote_code: bool = False,
 ) -> FastAPI:
-    """Load the causal LM in ``model_dir`` as an `HFTeacher` and serve it (see `build_app`)."""
+    """Load the causal LM in ``model_dir`` as an `HFTeacher` and serve it (see `build_app`).
+
+    ``max_body_bytes`` sets the 413 limit when ``limits`` is not given (``limits`` wins otherwise);
+    ``device``/``dtype``/``batch_size``/``trust_remote_code`` go to `HFTeacher`.
+    """
     from distill.teachers.hf import HFTeacher
 
     limits = limits or ServeLimits(max_body_bytes=max_body_bytes)
