@@ -1,5 +1,6 @@
 """The OpenAI wire format of `distill serve`: request parsing (every bad value is a 400 naming the
-parameter) and the shape of one choice of /v1/completions or /v1/chat/completions.
+parameter), the shape of one choice of /v1/completions or /v1/chat/completions, and the
+server-sent events that carry a finished response when `stream` is true.
 
 Besides OpenAI's fields every choice carries distill's token-id extension (the first two as vLLM
 names them): ``prompt_token_ids``, ``token_ids`` (the completion, including a final
