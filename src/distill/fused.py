@@ -210,7 +210,7 @@ def fused_linear_kd_loss(
     n = math.prod(rows_shape)
     check_mask(mask, rows_shape, "student hidden states")
     if isinstance(teacher, SparseTargets):
-        check_against_vocab(teacher, v, torch.Size(rows_shape), mask, loss)
+        check_against_vocab(teacher, v, torch.Size(rows_shape), mask, loss, student_hidden.device)
         teacher = map_targets(teacher, lambda x: x.reshape(n, x.shape[-1]))
     elif isinstance(teacher, Tensor):
         if tuple(teacher.shape) != (*rows_shape, v):

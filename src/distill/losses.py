@@ -1,5 +1,12 @@
 """Distillation losses: pure functions of tensors.
 
+- ``hinton_loss``: soft targets at temperature T with the T² factor, plus hard-label CE (classifiers).
+- ``LOSSES``: every divergence between next-token distributions by name, one call for all:
+  ``LOSSES[name](student_logits, teacher_logits, *, temperature=1.0, mask=None, **kwargs)``.
+- ``kd_loss``: the entry point for a dense teacher or a sparse one (``SparseTargets``: top-k or sampled).
+- ``fused_linear_kd_loss``: the same from hidden states and the LM head, chunked, never holding the
+  full ``(N, V)`` logits.
+
 Conventions (see docs/losses.md):
 - logits have shape ``(..., C)`` (classes or vocabulary entries on the last axis);
 - every divergence is computed in float32 or wider whatever the input dtype;
@@ -301,7 +308,7 @@ def kd_loss(
     if not isinstance(student_logits, Tensor) or not student_logits.dtype.is_floating_point:
         raise ValueError("student_logits must be a float tensor of shape (..., V)")
     z, rows, n = _flat_rows(student_logits, mask)
-    check_against_vocab(teacher, z.shape[-1], student_logits.shape[:-1], mask, loss)
+    check_against_vocab(teacher, z.shape[-1], student_logits.shape[:-1], mask, loss, z.device)
     per_row = kd_rows(
         z, flatten_targets(teacher), rows, loss=loss, temperature=t, tail=tail, loss_kwargs=kwargs
     )

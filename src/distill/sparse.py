@@ -106,6 +106,10 @@ class SparseTargets:
         if bool(((c > 0) & (self.logprobs == _NEG_INF)).any()):
             raise ValueError("SparseTargets: a sampled id (count > 0) has logprob -inf")
 
+    def to(self, device: torch.device | str) -> SparseTargets:
+        """The same targets on ``device`` (e.g. a CPU cache moved to the student's GPU)."""
+        return map_targets(self, lambda x: x.to(device))
+
     @classmethod
     def from_logits(cls, logits: Tensor, k: int, *, temperature: float = 1.0) -> SparseTargets:
         """The top-``k`` of dense teacher ``logits (..., V)`` at ``temperature`` (softmax over V first)."""
@@ -151,7 +155,12 @@ class SparseTargets:
 
 
 def check_against_vocab(
-    targets: SparseTargets, vocab_size: int, rows: torch.Size, mask: Tensor | None, loss: str
+    targets: SparseTargets,
+    vocab_size: int,
+    rows: torch.Size,
+    mask: Tensor | None,
+    loss: str,
+    device: torch.device,
 ) -> None:
     """Checks that need the student's logits and the loss: leading shape, id range, loss for the kind."""
     if targets.kind == "sampled" and loss not in SAMPLED_LOSSES:
@@ -163,6 +172,11 @@ def check_against_vocab(
         raise ValueError(
             f"SparseTargets have positions {tuple(targets.ids.shape[:-1])} but the student logits "
             f"have {tuple(rows)}; pass aligned (..., V) logits and (..., K) targets"
+        )
+    if targets.ids.device != device:
+        raise ValueError(
+            f"SparseTargets are on {targets.ids.device} but the student logits on {device}; "
+            "move them with targets.to(device)"
         )
     top = int(targets.ids.max()) if targets.ids.numel() else -1
     if top >= vocab_size:

@@ -339,3 +339,16 @@ def test_sampled_loss_check_happens_before_work():
     )
     with pytest.raises(ValueError, match="loss 'tvd' has no unbiased estimator"):
         kd_loss(torch.zeros(2, 5), targets, loss="tvd", mask=torch.zeros(2, dtype=torch.bool))
+
+
+def test_to_device_keeps_every_field():
+    t = SparseTargets.sample_from_logits(
+        _logits(2, 5, seed=20), 4, temperature=1.7, generator=torch.Generator().manual_seed(7)
+    )
+    moved = t.to("cpu")
+    assert moved.kind == "sampled" and moved.temperature == 1.7
+    assert (
+        torch.equal(moved.ids, t.ids)
+        and torch.equal(moved.logprobs, t.logprobs)
+        and torch.equal(moved.counts, t.counts)
+    )
