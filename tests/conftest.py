@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -13,6 +12,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models run faster on one thread than two on a shared 2-core machine (measured: quick demo 17 s vs 268 s
 # under load). Set before torch is imported so subprocesses started by tests inherit it too.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402  (after the environment above)
 
 torch.set_num_threads(1)
 
