@@ -237,6 +237,7 @@ def train(cfg: TrainConfig, *, accelerator=None, console=None) -> TrainResult:
 
     t_start = time.perf_counter()
     out = Path(cfg.out)
+    _check_trackers(cfg.log_with)
     accelerator = accelerator or Accelerator(
         # Without a GPU, cpu=True lets processes started by `accelerate launch`/torchrun join a gloo group.
         cpu=not torch.cuda.is_available(),
@@ -271,6 +272,14 @@ def train(cfg: TrainConfig, *, accelerator=None, console=None) -> TrainResult:
         if top >= student.config.vocab_size:
             raise ValueError(f"{cfg.data}: teacher token id {top} is outside the student's vocabulary")
     say(f"[bold]data[/]: {stats.summary()}")
+    context = int(getattr(student.config, "max_position_embeddings", 0) or 0)
+    if cfg.mode == "on-policy" and context:
+        longest = max(e["prompt_len"] for e in examples)
+        if longest + cfg.max_new_tokens > context:
+            raise ValueError(
+                f"on-policy: the longest prompt ({longest} tokens) + max_new_tokens ({cfg.max_new_tokens}) "
+                f"exceeds the student's context ({context}); lower --max-new-tokens or --max-length"
+            )
 
     torch.manual_seed(cfg.seed)  # LoRA initialisation
     if cfg.lora_r:
@@ -430,6 +439,16 @@ def train(cfg: TrainConfig, *, accelerator=None, console=None) -> TrainResult:
         changed_on_resume=changed,
         history=history,
     )
+
+
+def _check_trackers(names) -> None:
+    # accelerate drops an unavailable tracker with a log line; asking for one is an error here instead.
+    import importlib.util
+
+    modules = {"tensorboard": ("tensorboard", "tensorboardX"), "comet_ml": ("comet_ml",)}
+    for name in names:
+        if not any(importlib.util.find_spec(m) for m in modules.get(name, (name,))):
+            raise ValueError(f"--log-with {name}: the {name!r} package is not installed (pip install {name})")
 
 
 def _save_model(cfg: TrainConfig, accelerator, model, tok, out: Path) -> None:

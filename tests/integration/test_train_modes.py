@@ -126,6 +126,11 @@ def test_bad_settings_fail_before_training(tmp_path, tiny_student_dir, store_dir
         (["--temperature", "0"], "temperature must be a finite number > 0, got 0"),
         (["--alpha", "1.5"], "alpha must be in [0, 1], got 1.5"),
         (["--loss", "kl_typo"], "loss must be one of"),
+        (["--log-with", "tensorboard_typo"], "unknown tracker 'tensorboard_typo'"),
+        (
+            ["--mode", "on-policy", "--teacher", str(tiny_student_dir), "--max-new-tokens", "250"],
+            "exceeds the student's context",
+        ),
     ]:
         assert _train(tiny_student_dir, store_dir, tmp_path / "x", *flags) == 2
         assert msg in capsys.readouterr().err
