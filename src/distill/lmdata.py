@@ -118,15 +118,47 @@ def _from_table(path: Path, tokenizer, max_length: int, stats: DataStats) -> lis
     return out
 
 
+def _store_as_text(st, tokenizer, max_length: int, stats: DataStats) -> list[dict[str, Any]]:
+    """Records re-tokenised from their text with the student's tokenizer (sequence-level training
+    across tokenizers: the store's token ids belong to the teacher's vocabulary)."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    out = []
+    for rec in st:
+        stats.read += 1
+        prompt, completion = rec.get("prompt"), rec.get("completion")
+        if not isinstance(completion, str) or not completion:
+            stats.skip("empty completion")
+            continue
+        if isinstance(prompt, list):  # a chat: rendered with the student's own template
+            text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            p = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            p = tokenizer(prompt or "")["input_ids"]
+        c = tokenizer(completion, add_special_tokens=False)["input_ids"] + eos
+        done = _finish(p + c, [IGNORE] * len(p) + c, len(p), max_length, stats)
+        if done is None:
+            continue
+        ids, labels, plen = done
+        out.append({"id": str(rec["id"]), "input_ids": torch.tensor(ids, dtype=torch.long),
+                    "labels": torch.tensor(labels, dtype=torch.long), "prompt_len": plen})  # fmt: skip
+    return out
+
+
 def _from_store(
-    path: Path, tokenizer, max_length: int, need_topk: bool, stats: DataStats
+    path: Path, tokenizer, max_length: int, need_topk: bool, stats: DataStats, token_level: bool
 ) -> list[dict[str, Any]]:
     from distill import store as store_mod
+    from distill.vocab import check_store_tokenizer, vocab_hash
 
     st = store_mod.open(path)
     manifest = dict(getattr(st, "manifest", {}) or {})
     stats.manifest = manifest
     stats.capture_temperature = float(manifest.get("capture_temperature") or 1.0)
+    theirs = (manifest.get("tokenizer") or {}).get("vocab_hash")
+    if theirs and theirs != vocab_hash(tokenizer):
+        if token_level:
+            check_store_tokenizer(manifest, tokenizer, str(path))  # raises, naming both tokenizers
+        return _store_as_text(st, tokenizer, max_length, stats)
     out = []
     # The store cuts sequences to max_length and skips (and counts) records with no completion token
     # left or with non-finite log-probabilities; it tokenises black-box records with the student's tokenizer.
@@ -157,12 +189,13 @@ def _from_store(
 
 
 def load_examples(
-    data: str | Path, tokenizer, *, max_length: int, need_topk: bool = False
+    data: str | Path, tokenizer, *, max_length: int, need_topk: bool = False, token_level: bool = False
 ) -> tuple[list[dict[str, Any]], DataStats]:
     """Examples from a store directory or a table file, and what loading did (`DataStats`).
 
     ``need_topk``: keep only store records with top-k log-probabilities (``logits`` mode without a
-    local teacher). Raises ``ValueError`` when nothing usable is left, naming the source and the reasons.
+    local teacher). ``token_level``: a store captured with another tokenizer is an error (otherwise
+    its records are re-tokenised from their text with ``tokenizer``). Raises ``ValueError`` when nothing usable is left, naming the source and the reasons.
     """
     path = Path(data)
     if not path.exists():
@@ -171,7 +204,7 @@ def load_examples(
         raise ValueError(f"max_length must be >= 2, got {max_length}")
     stats = DataStats(source=str(path))
     if is_store(path):
-        examples = _from_store(path, tokenizer, max_length, need_topk, stats)
+        examples = _from_store(path, tokenizer, max_length, need_topk, stats, token_level)
     else:
         if need_topk:
             raise ValueError(

@@ -264,7 +264,11 @@ def train(cfg: TrainConfig, *, accelerator=None, console=None) -> TrainResult:
         )
         teacher.requires_grad_(False).eval().to(accelerator.device)
     examples, stats = load_examples(
-        cfg.data, tok, max_length=max_length, need_topk=token_level and teacher is None
+        cfg.data,
+        tok,
+        max_length=max_length,
+        need_topk=token_level and teacher is None,
+        token_level=token_level,
     )
     if token_level and teacher is None:
         check_store_tokenizer(stats.manifest, tok, cfg.data)

@@ -118,6 +118,9 @@ def test_padded_teacher_accepted_and_other_tokenizer_refused(
     # The store was captured with the teacher's tokenizer: a student with another one is refused too.
     assert _train(other, store_dir, tmp_path / "bad2", "--mode", "logits") == 2
     assert "not the student's" in capsys.readouterr().err
+    # ... but sequence-level training works across tokenizers: the store's text is re-tokenised.
+    assert _train(other, store_dir, tmp_path / "sft-other", "--mode", "sft") == 0
+    assert "12 of 12 records used" in capsys.readouterr().err
     assert not (tmp_path / "bad" / "model.safetensors").exists()
 
 
