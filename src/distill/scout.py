@@ -201,6 +201,7 @@ def scout(
         n_in = sum(requests[i].input_tokens for i in members)
         n_out = sum(requests[i].output_tokens for i in members)
         spend = student = None
+        n_unpriced = 0
         if prices is not None:
             spend = 0.0
             for i in members:
@@ -208,9 +209,11 @@ def scout(
                 cost = prices.request_cost(r.model, r.input_tokens, r.output_tokens)
                 if cost is None:
                     unpriced.add(f"no price for model {r.model!r}", {"row": r.row})
+                    n_unpriced += 1
                 else:
                     spend += cost
-            student = members.size * student_unit
+            # Only priced requests count on both sides: an unknown spend is not a saving.
+            student = (members.size - n_unpriced) * student_unit
         member_texts = [requests[i].text for i in members]
         families.append(
             {
@@ -223,6 +226,7 @@ def scout(
                 "spend_usd": spend,
                 "student_cost_usd": student,
                 "estimated_saving_usd": None if spend is None else spend - student,
+                "unpriced_requests": n_unpriced,
                 "narrowness": narrowness,
                 "models": dict(Counter(requests[i].model for i in members).most_common()),
                 "examples": member_texts[: cfg.examples],

@@ -152,6 +152,11 @@ def test_bad_rows_and_unpriced_models_are_counted_with_examples(scouted):
     assert report["n_requests"] == report["n_rows"] - 2
     assert report["unpriced"]["total"] == 4
     assert "mystery-model" in next(iter(report["unpriced"]["by_reason"]))
+    assert sum(f["unpriced_requests"] for f in report["families"]) == 4
+    # An unknown spend is not a saving: families of unpriced requests only save nothing.
+    for f in report["families"]:
+        if f["unpriced_requests"] == f["requests"]:
+            assert f["spend_usd"] == 0.0 and f["estimated_saving_usd"] == 0.0
 
 
 def test_export_writes_a_prompts_file_of_the_family(scouted, tmp_path):
