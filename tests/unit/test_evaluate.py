@@ -10,10 +10,9 @@ import torch
 from sklearn.metrics import f1_score
 
 from distill.classifier import mlp, save_classifier
-from distill.evaluate import (
-    EvalConfig,
+from distill.evaluate import EvalConfig, evaluate
+from distill.metrics import (
     calibration_error,
-    evaluate,
     exact_match,
     load_metric,
     token_f1,

@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from distill.evaluate import EvalConfig
     from distill.prices import load_prices
     from distill.report import print_table, write_json
-    from distill.routing import calibrate_on_models
+    from distill.route_fit import calibrate_on_models
     from distill.runners import open_model
     from distill.teachers.base import GenerationSettings
 
