@@ -106,11 +106,18 @@ def _teacher(cfg: LMDemoConfig, out: Path, tok, train_rows, console, progress: b
     init = save_tiny(tiny_causal_lm(len(tok), n_layer=layers, n_embd=width, n_head=heads, seed=cfg.seed),
                      tok, out / "init" / "teacher")  # fmt: skip
     data = _write_rows(out / "data" / "teacher_train.jsonl", train_rows)
-    train(TrainConfig(student=str(init), data=str(data), out=str(tdir), mode="sft", max_steps=cfg.teacher_steps,
+    res = train(TrainConfig(student=str(init), data=str(data), out=str(tdir), mode="sft", max_steps=cfg.teacher_steps,
                       batch_size=cfg.batch_size, lr=cfg.lr_teacher, warmup_steps=20, seed=cfg.seed,
                       progress=progress), console=console)  # fmt: skip
+    _stop_if_terminated(res)
     meta.write_text(json.dumps(key))
     return tdir, False
+
+
+def _stop_if_terminated(res) -> None:
+    # train() turns SIGTERM into a checkpoint and a normal return; the demo must stop there too.
+    if res.stopped == "sigterm":
+        raise KeyboardInterrupt(f"SIGTERM: stopped after step {res.steps} of {res.out}")
 
 
 def _evaluate(model_dir: Path, eval_examples, eval_rows_path: Path, cfg: LMDemoConfig) -> dict[str, Any]:
@@ -224,6 +231,7 @@ def _run(cfg: LMDemoConfig, out: Path, quick: bool, console, progress: bool) -> 
         res = train(TrainConfig(student=str(init), data=str(data), out=str(sdir), mode=mode, alpha=cfg.alpha,
                                 max_steps=cfg.student_steps, batch_size=cfg.batch_size, lr=cfg.lr_student,
                                 warmup_steps=10, seed=cfg.seed, progress=progress), console=console)  # fmt: skip
+        _stop_if_terminated(res)
         trained[name] = {"dir": sdir, "tokens": res.tokens, "train_seconds": res.seconds, "mode": mode}
 
     console.print("[bold]4/4[/] evaluation on held-out prompts")
