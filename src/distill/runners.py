@@ -83,23 +83,34 @@ class ClassifierRunner:
         params = sum(p.numel() for p in self.model.parameters())
         return {"name": self.name, "kind": self.kind, "params": params, "weights_mb": params * 4 / 2**20}
 
+    def features(self, row: Mapping[str, Any]) -> np.ndarray:
+        """``(n_features,)`` float32 of ``row``; ``ValueError("reason: detail")`` when unusable."""
+        x = row.get(self.input_column)
+        if x is None:
+            raise ValueError(f"no input: no {self.input_column!r} column")
+        if isinstance(x, str):  # CSV cells hold the vector as JSON text
+            try:
+                x = json.loads(x)
+            except json.JSONDecodeError:
+                raise ValueError(f"input not numeric: {self.input_column!r} is not a JSON list") from None
+        try:
+            arr = np.asarray(x, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise ValueError(f"input not numeric: {self.input_column!r} is not a list of numbers") from None
+        if arr.shape != (self.n_features,):
+            raise ValueError(f"wrong input size: expected {self.n_features} features, got shape {arr.shape}")
+        if not np.isfinite(arr).all():
+            raise ValueError("input not finite: NaN or infinite feature")
+        return arr
+
     def answer(self, row: Mapping[str, Any]) -> Answer:
         import torch
 
         t0 = time.perf_counter()
-        x = row.get(self.input_column)
-        if x is None:
-            return _fail("no input", f"no {self.input_column!r} column", t0)
         try:
-            arr = np.asarray(x, dtype=np.float32)
-        except (TypeError, ValueError):
-            return _fail("input not numeric", f"{self.input_column!r} is not a list of numbers", t0)
-        if arr.shape != (self.n_features,):
-            return _fail(
-                "wrong input size", f"expected {self.n_features} features, got shape {arr.shape}", t0
-            )
-        if not np.isfinite(arr).all():
-            return _fail("input not finite", "NaN or infinite feature", t0)
+            arr = self.features(row)
+        except ValueError as err:
+            return _fail(str(err).split(":", 1)[0], err, t0)
         t0 = time.perf_counter()
         with torch.inference_mode():
             logp = torch.log_softmax(self.model(torch.from_numpy(arr)[None]).double(), -1)[0]
@@ -111,7 +122,7 @@ class ClassifierRunner:
         """Inputs per second at batch size ``batch`` (how a classifier is served)."""
         import torch
 
-        x = torch.tensor(np.array([np.asarray(r[self.input_column], np.float32) for r in rows]))
+        x = torch.tensor(np.array([self.features(r) for r in rows]))
         x = x.repeat(max(1, -(-4 * batch // len(x))), 1)
         with torch.inference_mode():
             self.model(x[:batch])  # warm-up

@@ -128,3 +128,33 @@ def test_route_fit_on_tiny_lms_with_ood_feature(tiny_lm_dir, tiny_student_dir, t
     ood = np.asarray(report["features"]["ood"])
     assert ood[12:].min() > ood[:12].max()  # the reviews are the out-of-distribution inputs
     assert report["calibration"]["quality_retained"] >= 0.99
+
+
+def test_eval_cli_reads_csv_inputs_with_vectors_as_json_text(digits, tmp_path):
+    import csv
+
+    root, inputs, _ = digits
+    rows = [json.loads(line) for line in inputs.read_text().splitlines()[:30]]
+    path = tmp_path / "in.csv"
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["id", "x", "label"])
+        w.writeheader()
+        for r in rows:
+            w.writerow({"id": r["id"], "x": json.dumps(r["x"]), "label": r["label"]})
+        w.writerow({"id": "broken", "x": "not a list", "label": 1})
+    out = tmp_path / "ev"
+    argv = [
+        "eval",
+        "--student",
+        str(root / "student"),
+        "--teacher",
+        str(root / "teacher"),
+        "--inputs",
+        str(path),
+    ]
+    assert main([*argv, "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["n_inputs"] == 31 and rep["n_evaluated"] == 30
+    assert rep["excluded"]["by_reason"]["student: input not numeric"]["count"] == 1
+    # CSV labels are text ("3"), predictions are ints: compared as text, so accuracy is real.
+    assert rep["student"]["accuracy"] > 0.5
