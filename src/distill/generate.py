@@ -185,6 +185,13 @@ def generate(
         prompts.setdefault(p.key, p)  # identical prompts without ids: one request, one record
     t0 = time.monotonic()
     with store.StoreWriter(out, config) as writer:
+        for p in prompts.values():
+            old = writer.ids.get(p.record_id)
+            if old is not None and old != p.key:
+                raise ValueError(
+                    f"{prompts_path}: prompt id {p.record_id!r} was answered before in {out} for another "
+                    "prompt text; give the changed prompt a new id or use a new --out (no stale records)"
+                )
         todo = [p for p in prompts.values() if p.key not in writer.done]
         result = GenerateResult(
             total=len(prompts), done_before=len(prompts) - len(todo), repaired=writer.repaired

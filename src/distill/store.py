@@ -56,7 +56,12 @@ _COLUMNS = (
 
 
 def schema():
-    """The Arrow schema of a shard. ``topk_ids``/``topk_logprobs`` are flat row-major ``(n_completion, k)``."""
+    """The Arrow schema of a shard.
+
+    ``topk_ids``/``topk_logprobs`` are byte blobs of row-major ``(n_completion, k)`` arrays:
+    little-endian int32 ids and float16 log-probabilities (6·k bytes per token before compression).
+    Blobs rather than Parquet lists: a list stores repetition levels per value, which makes reading
+    several times slower; a blob is one value per record and decodes with ``np.frombuffer``."""
     import pyarrow as pa
 
     return pa.schema(
@@ -69,8 +74,8 @@ def schema():
             ("finish_reason", pa.string()),
             ("prompt_token_ids", pa.list_(pa.int32())),
             ("completion_token_ids", pa.list_(pa.int32())),
-            ("topk_ids", pa.list_(pa.int32())),
-            ("topk_logprobs", pa.list_(pa.float16())),
+            ("topk_ids", pa.binary()),
+            ("topk_logprobs", pa.binary()),
             ("prompt_tokens", pa.int64()),
             ("completion_tokens", pa.int64()),
         ]
@@ -179,7 +184,8 @@ def completion_row(key: str, user_id: str, prompt: str | None, messages: Any, c,
         if not np.isfinite(lps_a).all():
             raise ValueError(f"prompt {user_id!r}: the teacher returned non-finite log-probabilities")
         # float16 cannot hold log-probabilities below -65504; they are probabilities of ~0 anyway.
-        ids, lps = ids_a.astype(np.int32), np.maximum(lps_a, FLOAT16_MIN).astype(np.float16)
+        ids = ids_a.astype("<i4").tobytes()
+        lps = np.maximum(lps_a, FLOAT16_MIN).astype("<f2").tobytes()
     usage = c.usage or {}
     return {
         "key": key,
@@ -236,6 +242,7 @@ class StoreWriter:
             self.repaired.append(f"removed temporary file {tmp.name}")
         self.shards: list[dict[str, Any]] = []
         self.done: set[str] = set()
+        self.ids: dict[str, str] = {}  # record id -> key, to catch an id reused for another prompt
         for shard in sorted(self.path.glob(SHARD_GLOB)):
             if not _shard_ok(shard):
                 shard.unlink()  # torn final write: its prompts are not in `done`, so they are redone
@@ -251,8 +258,11 @@ class StoreWriter:
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
-        t = pq.read_table(shard, columns=["key", "prompt_tokens", "completion_tokens"], use_threads=False)
+        t = pq.read_table(
+            shard, columns=["key", "id", "prompt_tokens", "completion_tokens"], use_threads=False
+        )
         self.done.update(t.column("key").to_pylist())
+        self.ids.update(zip(t.column("id").to_pylist(), t.column("key").to_pylist()))
         self.shards.append(
             {
                 "file": shard.name,
@@ -287,6 +297,7 @@ class StoreWriter:
             _fsync_dir(self.path)
             keys = {r["key"] for r in rows}
             self.done |= keys
+            self.ids.update((r["id"], r["key"]) for r in rows)
             self.shards.append(
                 {
                     "file": final.name,
@@ -416,9 +427,9 @@ class Store:
         k = self.k
         for batch in self.batches():
             for row in batch.to_pylist():
-                for name in ("topk_ids", "topk_logprobs"):
-                    flat = row[name]
-                    row[name] = None if flat is None else [flat[i : i + k] for i in range(0, len(flat), k)]
+                for name, dtype in (("topk_ids", "<i4"), ("topk_logprobs", "<f2")):
+                    blob = row[name]
+                    row[name] = None if blob is None else np.frombuffer(blob, dtype).reshape(-1, k).tolist()
                 if row.pop("is_chat"):
                     row["prompt"] = json.loads(row["prompt"])
                 row["usage"] = {
@@ -451,9 +462,8 @@ class Store:
             ids = batch.column("id").to_pylist()
             p_off, p_val, p_null = _list_parts(batch.column("prompt_token_ids"))
             c_off, c_val, c_null = _list_parts(batch.column("completion_token_ids"))
-            t_off, t_val, t_null = _list_parts(batch.column("topk_ids"))
-            l_off, l_val, _ = _list_parts(batch.column("topk_logprobs"))
-            finite_all = bool(np.isfinite(l_val).all()) if l_val.size else True
+            t_off, t_buf, t_null = _blob_parts(batch.column("topk_ids"))
+            l_off, l_buf, _ = _blob_parts(batch.column("topk_logprobs"))
             for i, rid in enumerate(ids):
                 if p_null[i] or c_null[i]:
                     prompt_ids, comp_ids = self._tokenize(batch, i, tokenizer)
@@ -470,13 +480,17 @@ class Store:
                 labels[P:] = input_ids[P:]
                 ex = {"id": rid, "input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
                 if k and not t_null[i]:
-                    lp = l_val[l_off[i] : l_off[i] + (L - P) * k]
-                    if not finite_all and not np.isfinite(lp).all():
+                    n = (L - P) * k
+                    if t_off[i + 1] - t_off[i] < 4 * C * k or l_off[i + 1] - l_off[i] < 2 * C * k:
+                        self._reject("top-k data shorter than the completion")
+                        continue
+                    lp = np.frombuffer(l_buf, "<f2", count=n, offset=int(l_off[i]))
+                    if not np.isfinite(lp).all():
                         self._reject("non-finite log-probabilities")
                         continue
                     top_ids = np.zeros((L, k), dtype=np.int64)
                     top_lps = np.zeros((L, k), dtype=np.float32)
-                    top_ids[P:] = t_val[t_off[i] : t_off[i] + (L - P) * k].reshape(L - P, k)
+                    top_ids[P:] = np.frombuffer(t_buf, "<i4", count=n, offset=int(t_off[i])).reshape(L - P, k)
                     top_lps[P:] = lp.reshape(L - P, k)
                     ex["topk_ids"] = torch.from_numpy(top_ids)
                     ex["topk_logprobs"] = torch.from_numpy(top_lps)
@@ -498,6 +512,18 @@ class Store:
             p = tokenizer(prompt)["input_ids"]
         c = tokenizer(batch.column("completion")[i].as_py(), add_special_tokens=False)["input_ids"]
         return np.asarray(p, dtype=np.int64), np.asarray(c, dtype=np.int64)
+
+
+def _blob_parts(col) -> tuple[np.ndarray, Any, np.ndarray]:
+    """(absolute byte offsets (n+1,), the data buffer, is-null (n,)) of an Arrow binary column."""
+    import pyarrow as pa
+
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    nulls = col.is_null().to_numpy(zero_copy_only=False) if col.null_count else np.zeros(len(col), dtype=bool)
+    _, offsets, data = col.buffers()
+    offs = np.frombuffer(offsets, dtype=np.int32)[col.offset : col.offset + len(col) + 1]
+    return offs, (data if data is not None else b""), nulls
 
 
 def _list_parts(col) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -94,11 +94,10 @@ def test_non_finite_logprobs_rejected_at_write_and_at_load(tmp_path):
     # A shard written by another tool with an inf inside: the reader rejects that record and counts it.
     shard = next(tmp_path.glob("shard-*.parquet"))
     t = pq.read_table(shard)
-    lps = t.column("topk_logprobs").to_pylist()
-    lps[0][2] = float("-inf")
-    t = t.set_column(
-        t.schema.get_field_index("topk_logprobs"), "topk_logprobs", pa.array(lps, pa.list_(pa.float16()))
-    )
+    lps = [np.frombuffer(b, "<f2").copy() for b in t.column("topk_logprobs").to_pylist()]
+    lps[0][2] = -np.inf
+    blobs = pa.array([x.tobytes() for x in lps], pa.binary())
+    t = t.set_column(t.schema.get_field_index("topk_logprobs"), "topk_logprobs", blobs)
     pq.write_table(t, shard)
     st = store.open(tmp_path)
     assert [e["id"] for e in st.examples()] == ["p1"]

@@ -111,7 +111,12 @@ def run(args: argparse.Namespace) -> int:
         from distill.prices import TokenPrice
 
         price = TokenPrice(args.price_input_per_1m or 0.0, args.price_output_per_1m or 0.0)
-    teacher = build_teacher(args)
+    from distill.teachers.api import APIError
+
+    try:
+        teacher = build_teacher(args)
+    except APIError as err:  # e.g. the /v1/models lookup refused: one clear line, exit 2
+        raise ValueError(f"teacher {args.teacher!r}: {err}") from None
     res = generate(
         teacher,
         args.prompts,

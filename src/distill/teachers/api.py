@@ -103,13 +103,14 @@ class APITeacher:
         )
         self.api_key_env = api_key_env
         headers = {"Content-Type": "application/json"}
-        self._secret = ""
+        key = ""
         if api_key_env:
-            key = os.environ.get(api_key_env)
+            key = os.environ.get(api_key_env, "")
             if not key:
                 raise ValueError(f"environment variable {api_key_env} (named by --api-key-env) is not set")
-            self._secret = key
             headers["Authorization"] = f"Bearer {key}"
+        # The key stays in the client's headers and this closure only: no attribute holds it.
+        self._scrub = _scrubber(key)
         self._client = httpx.Client(
             headers=headers,
             timeout=self.timeout,
@@ -145,8 +146,12 @@ class APITeacher:
         }
 
     def tokenizer_info(self) -> dict[str, Any] | None:
-        """The ``tokenizer`` entry (``{"name", "vocab_hash"}``) of the model's ``/v1/models`` card, if any."""
-        card = self._model_card()
+        """The ``tokenizer`` entry (``{"name", "vocab_hash"}``) of the model's ``/v1/models`` card, if any
+        (None also when the card cannot be fetched: it only documents the store)."""
+        try:
+            card = self._model_card()
+        except APIError:
+            return None
         tok = card.get("tokenizer") if card else None
         return tok if isinstance(tok, dict) else None
 
@@ -258,20 +263,22 @@ class APITeacher:
             time.sleep(delay)
             attempt += 1
 
-    def _scrub(self, text: str) -> str:
-        """Remove the API key, and any long piece of it (providers echo masked keys), from ``text``."""
-        if not self._secret:
+
+def _scrubber(secret: str):
+    """A function removing ``secret``, and any long piece of it (providers echo masked keys), from text."""
+
+    def scrub(text: str) -> str:
+        if not secret:
             return text
-        text = text.replace(self._secret, "[redacted]")
-        return re.sub(
-            r"[\w\-.*]{6,}",
-            lambda m: (
-                "[redacted]"
-                if any(len(p) >= 6 and p in self._secret for p in re.split(r"[.*]+", m.group()))
-                else m.group()
-            ),
-            text,
-        )
+        text = text.replace(secret, "[redacted]")
+
+        def piece(m: re.Match) -> str:
+            parts = re.split(r"[.*]+", m.group())
+            return "[redacted]" if any(len(p) >= 6 and p in secret for p in parts) else m.group()
+
+        return re.sub(r"[\w\-.*]{6,}", piece, text)
+
+    return scrub
 
 
 def _error_text(resp) -> str:

@@ -1,0 +1,157 @@
+"""Requests per second of `distill.generate.generate` against a local server with a fixed added latency.
+
+    .venv/bin/python benchmarks/generate.py [--latency 0.1] [--seconds 3] [--concurrency 1 8 32] [--out bench-results/generate.json]
+
+The server (its own process, one thread per connection) sleeps ``--latency`` seconds and answers
+every /v1/completions request with the same small completion with top-k token ids, like
+`distill serve` does, so it is never the bottleneck. The ideal rate is ``concurrency / latency``;
+the target (issue 4) is at least 90% of it. Each run writes a real store (shards, fsyncs included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import tempfile
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from distill.generate import generate
+from distill.teachers.api import APITeacher
+from distill.teachers.base import GenerationSettings
+
+K, TOKENS = 5, 16
+
+
+def _serve(port_q, latency: float) -> None:
+    body = json.dumps(
+        {
+            "choices": [
+                {
+                    "index": 0,
+                    "text": "x" * TOKENS,
+                    "finish_reason": "length",
+                    "prompt_token_ids": list(range(8)),
+                    "token_ids": list(range(TOKENS)),
+                    "top_token_ids": [[i + j for j in range(K)] for i in range(TOKENS)],
+                    "logprobs": {
+                        "tokens": ["x"] * TOKENS,
+                        "token_logprobs": [-0.1] * TOKENS,
+                        "top_logprobs": [{f"t{j}": -0.1 * (j + 1) for j in range(K)} for _ in range(TOKENS)],
+                    },
+                }
+            ],
+            "usage": {"prompt_tokens": 8, "completion_tokens": TOKENS},
+        }
+    ).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # headers and body are separate writes: no 40 ms delayed-ACK stall
+
+        def log_message(self, *args) -> None:
+            pass
+
+        def _send(self, data: bytes) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:  # /v1/models
+            self._send(json.dumps({"data": [{"id": "bench", "object": "model"}]}).encode())
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            time.sleep(latency)
+            self._send(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    port_q.put(server.server_address[1])
+    server.serve_forever()
+
+
+def run_once(url: str, concurrency: int, n: int) -> float:
+    """Seconds `generate` takes for ``n`` prompts at ``concurrency`` into a fresh store."""
+    with tempfile.TemporaryDirectory() as tmp:
+        prompts = Path(tmp) / "p.jsonl"
+        prompts.write_text("".join(json.dumps({"id": str(i), "prompt": f"p {i}"}) + "\n" for i in range(n)))
+        teacher = APITeacher(url, model="bench", max_connections=max(64, concurrency))
+        settings = GenerationSettings(max_new_tokens=TOKENS, top_logprobs=K)
+        t0 = time.perf_counter()
+        res = generate(
+            teacher,
+            prompts,
+            Path(tmp) / "s",
+            settings=settings,
+            concurrency=concurrency,
+            progress=False,
+            flush_every=256,
+        )
+        wall = time.perf_counter() - t0
+        teacher.close()
+    assert res.answered == n and res.failed == 0, res
+    return wall
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--latency", type=float, default=0.1, help="seconds the server waits per request")
+    ap.add_argument("--seconds", type=float, default=3.0, help="ideal duration of each run")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--out", default="bench-results/generate.json")
+    args = ap.parse_args(argv)
+    console = Console()
+    q: mp.Queue = mp.Queue()
+    proc = mp.Process(target=_serve, args=(q, args.latency), daemon=True)
+    proc.start()
+    url = f"http://127.0.0.1:{q.get(timeout=30)}/v1"
+    results = []
+    try:
+        run_once(url, 1, 10)  # warm-up: imports, first connection
+        for c in args.concurrency:
+            ideal = c / args.latency
+            n = max(10, int(ideal * args.seconds))
+            wall = run_once(url, c, n)
+            rps = n / wall
+            results.append(
+                {
+                    "concurrency": c,
+                    "requests": n,
+                    "seconds": wall,
+                    "requests_per_second": rps,
+                    "ideal": ideal,
+                    "fraction_of_ideal": rps / ideal,
+                }
+            )
+    finally:
+        proc.terminate()
+    table = Table(title=f"distill generate vs a server with {args.latency * 1000:.0f} ms latency")
+    for col in ("concurrency", "requests", "seconds", "req/s", "ideal req/s", "% of ideal (target >= 90%)"):
+        table.add_column(col, justify="right")
+    for r in results:
+        table.add_row(
+            str(r["concurrency"]),
+            str(r["requests"]),
+            f"{r['seconds']:.2f}",
+            f"{r['requests_per_second']:.1f}",
+            f"{r['ideal']:.0f}",
+            f"{100 * r['fraction_of_ideal']:.1f}%",
+        )
+    console.print(table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"latency": args.latency, "runs": results}, indent=2) + "\n")
+    console.print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
