@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from distill.tasks import FIELDS, exact_match, make_examples, to_rows
+from distill.tasks import FIELDS, MONTHS, exact_match, make_examples, to_rows
 
 
 def test_same_seed_same_examples_other_seed_differs():
@@ -16,17 +16,23 @@ def test_same_seed_same_examples_other_seed_differs():
     assert len({e.id for e in a}) == 50
 
 
-def test_answers_are_normalised_and_in_prompt_for_copied_fields():
+def test_answers_are_normalised_and_found_in_the_invoice():
     for e in make_examples(200, seed=3):
         assert e.field in FIELDS and e.prompt.endswith("Answer:")
-        if e.field == "date":
-            assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", e.answer)
-        elif e.field == "total":
-            assert re.fullmatch(r"\d+\.\d{2} (EUR|USD|GBP)", e.answer)
+        body = e.prompt.split("\nQuestion:")[0]
+        if e.field == "currency":
+            assert e.answer in {"EUR", "USD", "GBP"}
+            assert e.answer in body or {"EUR": "€", "USD": "$", "GBP": "£"}[e.answer] in body
+        elif e.field == "month":
+            assert e.answer in MONTHS
+            i = MONTHS.index(e.answer) + 1
+            assert e.answer in body or re.search(rf"-{i:02d}-|\.{i:02d}\.", body)
+        elif e.field == "year":
+            assert re.fullmatch(r"20(19|2[0-6])", e.answer) and e.answer in body
         else:
-            assert e.answer in e.prompt
+            assert e.answer in body
     assert {e.field for e in make_examples(100)} == set(FIELDS)
-    assert {e.field for e in make_examples(20, field="date")} == {"date"}
+    assert {e.field for e in make_examples(20, field="month")} == {"month"}
 
 
 def test_rows_and_exact_match():
