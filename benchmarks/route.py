@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from rich.console import Console
 
 from distill.evaluate import EvalConfig, run_pair
 from distill.report import figure, print_table, save_figure, write_json
@@ -215,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Routing on held-out inputs (mean of {args.splits} splits; cost $ per 1M requests at ${args.hourly}/h)",
         ["task", "system", "answered by student", "quality", "retained", "cost"],
         rows,
+        Console(width=150),  # wide enough for one line per row when piped to a file
     )
     out = Path(args.out)
     _plot(results, out.with_suffix(".png"))
