@@ -402,14 +402,17 @@ class Store:
 
         return sum(pq.read_metadata(p).num_rows for p in self.shards)
 
-    def batches(self, columns: Iterable[str] | None = None, batch_size: int = 1024) -> Iterator[Any]:
+    def batches(self, columns: Iterable[str] | None = None, batch_size: int = 4096) -> Iterator[Any]:
         """Arrow record batches of the shards in order, ``batch_size`` rows at a time (streaming)."""
         import pyarrow.parquet as pq
 
         cols = list(columns) if columns is not None else None
         for shard in self.shards:
             pf = pq.ParquetFile(shard)
-            yield from pf.iter_batches(batch_size=batch_size, columns=cols, use_threads=False)
+            for g in range(pf.num_row_groups):  # one row group in memory at a time
+                yield from pf.read_row_group(g, columns=cols, use_threads=False).to_batches(
+                    max_chunksize=batch_size
+                )
 
     def keys(self) -> list[str]:
         """Every record's key, in store order."""
@@ -464,6 +467,8 @@ class Store:
             c_off, c_val, c_null = _list_parts(batch.column("completion_token_ids"))
             t_off, t_buf, t_null = _blob_parts(batch.column("topk_ids"))
             l_off, l_buf, _ = _blob_parts(batch.column("topk_logprobs"))
+            # One check for the whole batch; per record only when something is not finite.
+            all_finite = bool(np.isfinite(np.frombuffer(l_buf, "<f2", count=len(l_buf) // 2)).all())
             for i, rid in enumerate(ids):
                 if p_null[i] or c_null[i]:
                     prompt_ids, comp_ids = self._tokenize(batch, i, tokenizer)
@@ -485,11 +490,13 @@ class Store:
                         self._reject("top-k data shorter than the completion")
                         continue
                     lp = np.frombuffer(l_buf, "<f2", count=n, offset=int(l_off[i]))
-                    if not np.isfinite(lp).all():
+                    if not all_finite and not np.isfinite(lp).all():
                         self._reject("non-finite log-probabilities")
                         continue
-                    top_ids = np.zeros((L, k), dtype=np.int64)
-                    top_lps = np.zeros((L, k), dtype=np.float32)
+                    top_ids = np.empty((L, k), dtype=np.int64)
+                    top_lps = np.empty((L, k), dtype=np.float32)
+                    top_ids[:P] = 0
+                    top_lps[:P] = 0.0
                     top_ids[P:] = np.frombuffer(t_buf, "<i4", count=n, offset=int(t_off[i])).reshape(L - P, k)
                     top_lps[P:] = lp.reshape(L - P, k)
                     ex["topk_ids"] = torch.from_numpy(top_ids)

@@ -110,7 +110,7 @@ def test_kill9_at_10_random_moments_loses_and_duplicates_nothing(server, tmp_pat
         "1",
         "--no-progress",
     ]
-    # The uninterrupted reference run; `work` = seconds from the store's opening to the end.
+    # The uninterrupted reference run, timed to place the kills inside later runs.
     ref_proc = subprocess.Popen(
         [sys.executable, "-m", "distill", "generate", *common, "--out", str(tmp_path / "ref")],
         env=ENV,
@@ -119,9 +119,12 @@ def test_kill9_at_10_random_moments_loses_and_duplicates_nothing(server, tmp_pat
         text=True,
     )
     wait_for_change(tmp_path / "ref" / "manifest.json", None, ref_proc)
-    t_open = time.monotonic()
+    t_open = time.time()
     assert ref_proc.wait(timeout=120) == 0, ref_proc.stderr.read()
-    work = time.monotonic() - t_open
+    # From the shards' times: seconds from opening to the first commit, and per further answer.
+    commits = sorted(p.stat().st_mtime for p in (tmp_path / "ref").glob("shard-*.parquet"))
+    assert len(commits) == n  # --flush-every 1: one shard per answer
+    setup, per_answer = commits[0] - t_open, (commits[-1] - commits[0]) / (n - 1)
     rng = random.Random(4)
     kills, partial = 0, []
     for _ in range(10):
@@ -134,7 +137,8 @@ def test_kill9_at_10_random_moments_loses_and_duplicates_nothing(server, tmp_pat
             stderr=subprocess.DEVNULL,
         )
         wait_for_change(manifest, before, proc)  # the store is open: the work begins
-        time.sleep(rng.uniform(0.0, work))
+        left = n - len(store.open(tmp_path / "s")) if manifest.exists() else n
+        time.sleep(rng.uniform(0.0, max(setup, 0.0) + per_answer * left))  # a moment within this run
         if proc.poll() is None:
             proc.kill()  # SIGKILL: no cleanup of any kind
             kills += 1
