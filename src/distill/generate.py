@@ -159,7 +159,8 @@ def generate(
     """Answer every prompt of ``prompts_path`` not yet in store ``out``; see the module docstring.
 
     ``teacher``: one teacher or several replicas of one model (used round-robin). A teacher with
-    ``remote = True`` (`APITeacher`) gets up to ``concurrency`` requests at once; others get batches
+    ``remote = True`` (`APITeacher`) gets up to ``concurrency`` requests at once (in total, over all
+    replicas); others get batches
     of their ``batch_size`` one at a time. ``budget_tokens``: stop sending before the tokens spent by
     this run (prompt + completion, the in-flight requests counted at their upper bound) would pass
     it. ``price``: a `distill.prices.TokenPrice` for the cost column. ``flush_every``/``flush_seconds``:
@@ -259,7 +260,7 @@ def _run(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     remote = bool(getattr(teachers[0], "remote", False))
-    workers = concurrency * len(teachers) if remote else 1
+    workers = concurrency if remote else 1
     chunk = 1 if remote else max(1, int(getattr(teachers[0], "batch_size", 8)))
     jobs = [todo[i : i + chunk] for i in range(0, len(todo), chunk)]
     budget = _Budget(budget_tokens, settings.max_new_tokens)
@@ -298,7 +299,7 @@ def _run(
             while next_job < len(jobs) or inflight:
                 while next_job < len(jobs) and len(inflight) < workers:
                     batch = jobs[next_job]
-                    cost = budget.estimate(batch, teachers[0])
+                    cost = budget.estimate(batch, teachers[0]) if budget.limit is not None else 0
                     if not budget.allows(cost):
                         break
                     teacher = teachers[rr % len(teachers)]

@@ -36,7 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass when sampling (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument(
-        "--concurrency", type=int, default=8, metavar="C", help="HTTP requests in flight per URL (default 8)"
+        "--concurrency",
+        type=int,
+        default=8,
+        metavar="C",
+        help="HTTP requests in flight, over all URLs (default 8)",
     )
     parser.add_argument(
         "--budget-tokens", type=int, default=None, metavar="N", help="stop before this run spends more tokens"

@@ -316,7 +316,9 @@ def _parse(rid: str, data: dict[str, Any], k: int, chat: bool) -> Completion:
     top_ids = top_lps = None
     if k and comp_ids is not None and choice.get("top_token_ids") is not None and choice.get("logprobs"):
         top_ids = choice["top_token_ids"]
-        if chat:
+        if choice.get("top_token_logprobs") is not None:  # (n, k) values aligned with top_token_ids
+            top_lps = choice["top_token_logprobs"]
+        elif chat:
             top_lps = [[e["logprob"] for e in tok["top_logprobs"]] for tok in choice["logprobs"]["content"]]
         else:
             # Legacy completions carry {token text: logprob} per position; aligned with top_token_ids
@@ -324,7 +326,13 @@ def _parse(rid: str, data: dict[str, Any], k: int, chat: bool) -> Completion:
             dicts = choice["logprobs"]["top_logprobs"]
             if all(len(d) == len(row) for d, row in zip(dicts, top_ids)):
                 top_lps = [list(d.values()) for d in dicts]
-        if top_lps is None or len(top_lps) != len(comp_ids) or any(len(r) != k for r in top_ids):
+        n = len(comp_ids)
+        if (
+            top_lps is None
+            or len(top_lps) != n
+            or len(top_ids) != n
+            or any(len(r) != k for r in top_ids + top_lps)
+        ):
             top_ids = top_lps = None  # not recoverable: keep the completion without top-k
     usage = data.get("usage") or {}
     return Completion(
