@@ -113,7 +113,13 @@ def bench_task(name: str, teacher_dir: Path, student_dir: Path, rows: list[dict]
         held = []
         for split_seed in range(args.splits):
             cal, test = split_indices(len(records), 0.5, seed=split_seed)
-            router = Router(target, args.signal, teacher_cost=cost["teacher"], student_cost=cost["student"])
+            router = Router(
+                target,
+                args.signal,
+                teacher_cost=cost["teacher"],
+                student_cost=cost["student"],
+                delta=args.delta,
+            )
             router.fit({k: v[cal] for k, v in cols.items()})
             test_cols = {k: v[test] for k, v in cols.items()}
             held.append({**routed_outcome(router, test_cols), "threshold": router.threshold_})
@@ -187,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lm-inputs", type=int, default=400, help="benchmark prompts for the LM task")
     p.add_argument("--targets", default="0.99,0.995,1.0", help="comma-separated router targets")
     p.add_argument("--signal", default="mean_logprob")
+    p.add_argument(
+        "--delta", type=float, default=None, help="Router delta (conservative bound); default none"
+    )
     p.add_argument("--splits", type=int, default=5, help="random calibration/held-out splits averaged")
     p.add_argument("--hourly", type=float, default=1.0, help="$/h of the hardware, both models")
     p.add_argument("--seed", type=int, default=0)

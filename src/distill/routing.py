@@ -18,6 +18,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -92,6 +93,7 @@ class Router:
         ood_signal: str | None = None,
         teacher_cost: float = 1.0,
         student_cost: float = 0.0,
+        delta: float | None = None,
     ) -> None:
         self.target = target
         """Fraction of the teacher's mean quality the routed system must keep, in (0, 1]."""
@@ -103,6 +105,10 @@ class Router:
         """Cost of one teacher answer (any unit, e.g. $ per 1M requests); >= 0."""
         self.student_cost = student_cost
         """Cost of one student answer in the same unit; paid on every request (the student answers first)."""
+        self.delta = delta
+        """``None``: the target must hold on the calibration data as measured. A number in (0, 0.5):
+        it must hold for a one-sided (1 - delta) upper confidence bound on the mean quality lost to the
+        student (normal approximation), so the router stays conservative on new inputs."""
 
     # -- parameters ---------------------------------------------------------------------------
     def get_params(self) -> dict[str, Any]:
@@ -112,6 +118,7 @@ class Router:
             "ood_signal": self.ood_signal,
             "teacher_cost": self.teacher_cost,
             "student_cost": self.student_cost,
+            "delta": self.delta,
         }
 
     def _validate_params(self) -> None:
@@ -119,6 +126,8 @@ class Router:
             raise ValueError(f"target must be in (0, 1], got {self.target!r}")
         if self.signal not in SIGNALS:
             raise ValueError(f"signal must be one of {sorted(SIGNALS)}, got {self.signal!r}")
+        if self.delta is not None and not (isinstance(self.delta, int | float) and 0.0 < self.delta < 0.5):
+            raise ValueError(f"delta must be None or in (0, 0.5), got {self.delta!r}")
         for name in ("teacher_cost", "student_cost"):
             v = getattr(self, name)
             if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
@@ -191,6 +200,8 @@ class Router:
         gain = np.where(forced, 0.0, sq - tq)[order]  # quality change when item k switches to the student
         # Candidate k: the k most confident (not forced) items go to the student.
         cum = np.concatenate([[0.0], np.cumsum(gain)])
+        cum_sq = np.concatenate([[0.0], np.cumsum(gain**2)])
+        z = NormalDist().inv_cdf(1.0 - self.delta) if self.delta is not None else 0.0
         eligible = np.concatenate([[0], np.cumsum(~forced[order])])
         sorted_conf = conf[order]
         curve, chosen = [], math.inf
@@ -211,7 +222,11 @@ class Router:
                 "cost": self.student_cost + frac * self.teacher_cost,
             }
             curve.append(point)
-            if not violated and quality >= required - 1e-12:
+            # Per-input quality lost l_i = -gain_i for inputs given to the student (0 otherwise):
+            # mean = -cum/n; the bound adds z standard errors of that mean.
+            var = max(cum_sq[k] / n - (cum[k] / n) ** 2, 0.0)
+            bound = quality - z * math.sqrt(var / n)
+            if not violated and bound >= required - 1e-12:
                 chosen = threshold
             else:
                 violated = True

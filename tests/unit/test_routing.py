@@ -177,3 +177,34 @@ def test_confidence_signals_from_top_logprobs():
     assert s["entropy"] == pytest.approx((h1 + h2) / 2)
     with pytest.raises(ValueError):
         confidence_signals([])
+
+
+def test_delta_makes_the_router_conservative_on_new_inputs():
+    # Noisy student (P(right | c) = c), teacher always right; small calibration sets, many repeats.
+    rng = np.random.default_rng(11)
+
+    def draw(n):
+        c = rng.uniform(0, 1, n)
+        return {
+            "margin": c,
+            "student_quality": (rng.uniform(0, 1, n) < c).astype(float),
+            "teacher_quality": np.ones(n),
+        }
+
+    misses = {None: 0, 0.05: 0}
+    sent = {None: [], 0.05: []}
+    for _ in range(40):
+        cal, test = draw(300), draw(5000)
+        for delta in misses:
+            r = Router(target=0.95, signal="margin", delta=delta).fit(cal)
+            to_teacher = r.predict(test)
+            retained = np.where(to_teacher, 1.0, test["student_quality"]).mean()
+            misses[delta] += retained < 0.95
+            sent[delta].append(to_teacher.mean())
+    # Without delta the target is met on calibration data only and missed on new inputs about half
+    # the time; with delta = 0.05 it is missed rarely, at the price of more requests to the teacher.
+    assert misses[None] >= 10
+    assert misses[0.05] <= 6
+    assert np.mean(sent[0.05]) > np.mean(sent[None])
+    with pytest.raises(ValueError, match="delta"):
+        Router(delta=0.7).fit(draw(10))

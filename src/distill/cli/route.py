@@ -29,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     fit.add_argument(
         "--train", default=None, help="distillation training inputs: adds the coverage OOD score"
     )
+    fit.add_argument("--delta", type=float, default=None, help="keep the target with probability >= 1-delta")
     fit.add_argument("--embedder", default="auto", choices=["auto", "minilm", "tfidf"], help="for --train")
     fit.add_argument(
         "--holdout", type=float, default=0.3, help="share of inputs kept out of fitting (default 0.3)"
@@ -74,7 +75,9 @@ def run(args: argparse.Namespace) -> int:
     from distill.runners import open_model
     from distill.teachers.base import GenerationSettings
 
-    router = Router(target=args.target, signal=args.signal, ood_signal="ood" if args.train else None)
+    router = Router(
+        target=args.target, signal=args.signal, ood_signal="ood" if args.train else None, delta=args.delta
+    )
     router._validate_params()  # bad --target / --signal fail before any model runs
     cfg = EvalConfig(metric=args.metric, reference_column=args.reference_column, first_line=args.first_line)
     prices = load_prices(args.prices) if args.prices else None
