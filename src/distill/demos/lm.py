@@ -38,7 +38,7 @@ class LMDemoConfig:
     """Prompts the teacher answers for the students (seed 2)."""
     n_eval: int = 200
     """Held-out prompts for exact match and eval CE (seed 1)."""
-    teacher_steps: int = 1500
+    teacher_steps: int = 2000
     """Optimizer steps of the teacher (batch ``batch_size``)."""
     student_steps: int = 600
     """Optimizer steps of every student: the same budget for all three."""
@@ -54,7 +54,7 @@ class LMDemoConfig:
     """Teacher log-probabilities stored per token."""
     alpha: float = 0.7
     """Weight of the distillation term in ``logits`` mode."""
-    lr_teacher: float = 2e-3
+    lr_teacher: float = 3e-3
     """Peak learning rate of the teacher."""
     lr_student: float = 3e-3
     """Peak learning rate of the students."""
