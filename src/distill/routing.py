@@ -283,9 +283,9 @@ class Router:
                 "fraction_to_teacher_",
                 "quality_retained_",
                 "n_calibration_",
-                "curve_",
             )
         }
+        learned["curve_"] = _thin(self.curve_, self.threshold_)
         return {"format": FORMAT, "params": self.get_params(), "learned": learned}
 
     def save(self, path: str | Path) -> Path:
@@ -318,6 +318,18 @@ class Router:
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
         return f"Router({params})"
+
+
+MAX_SAVED_CURVE_POINTS = 201
+
+
+def _thin(curve: list[dict[str, Any]], chosen: float) -> list[dict[str, Any]]:
+    """At most `MAX_SAVED_CURVE_POINTS` evenly spaced points (ends and the chosen point kept): the file stays small."""
+    if len(curve) <= MAX_SAVED_CURVE_POINTS:
+        return curve
+    keep = set(np.linspace(0, len(curve) - 1, MAX_SAVED_CURVE_POINTS - 1).round().astype(int).tolist())
+    keep |= {i for i, p in enumerate(curve) if p["threshold"] == chosen}
+    return [curve[i] for i in sorted(keep)]
 
 
 def _encode(obj: Any) -> Any:

@@ -208,3 +208,14 @@ def test_delta_makes_the_router_conservative_on_new_inputs():
     assert np.mean(sent[0.05]) > np.mean(sent[None])
     with pytest.raises(ValueError, match="delta"):
         Router(delta=0.7).fit(draw(10))
+
+
+def test_saved_file_stays_small_on_a_large_calibration_set(tmp_path):
+    r = Router(target=0.97, signal="margin").fit(_deterministic_case(n=20_000))
+    path = r.save(tmp_path / "big.json")
+    loaded = Router.load(path)
+    assert path.stat().st_size < 60_000
+    assert len(loaded.curve_) <= 202 and len(r.curve_) == 20_001
+    assert any(p["threshold"] == r.threshold_ for p in loaded.curve_)
+    assert loaded.curve_[0]["fraction_to_teacher"] == 1.0 and loaded.curve_[-1]["fraction_to_teacher"] == 0.0
+    assert loaded.threshold_ == r.threshold_
