@@ -132,11 +132,25 @@ def _template(texts: Sequence[str]) -> str:
     return " ".join(out)[:300]
 
 
-def _cluster(emb, cfg: ScoutConfig) -> np.ndarray:
+def _dense(emb, dims: int = 256) -> np.ndarray:
+    """Unit-norm dense rows. Sparse TF-IDF (up to 100k columns) is first reduced to ``dims`` with
+    truncated SVD: a dense copy of it for a large log would need tens of gigabytes."""
+    if not hasattr(emb, "toarray"):
+        return np.asarray(emb, dtype=np.float32)
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.preprocessing import normalize
+
+    k = min(dims, emb.shape[1] - 1, emb.shape[0] - 1)
+    if k < 2:
+        return normalize(emb).toarray().astype(np.float32)
+    return normalize(TruncatedSVD(n_components=k, random_state=0).fit_transform(emb)).astype(np.float32)
+
+
+def _cluster(emb: np.ndarray, cfg: ScoutConfig) -> np.ndarray:
     """Family label per row: average-linkage clustering on a sample, then nearest-centroid for the rest."""
     from sklearn.cluster import AgglomerativeClustering
 
-    dense = emb.toarray() if hasattr(emb, "toarray") else np.asarray(emb)
+    dense = emb
     n = dense.shape[0]
     rng = np.random.default_rng(0)
     sample = (
@@ -185,12 +199,12 @@ def scout(
     if not requests:
         raise ValueError(f"no usable requests in the log ({excluded.total} rows excluded)")
     texts = [_DIGITS.sub("0", r.text) for r in requests]  # numbers vary inside one template
-    emb = make_embedder(cfg.embedder).fit(texts).encode(texts)
+    emb = _dense(make_embedder(cfg.embedder).fit(texts).encode(texts))
     labels = _cluster(emb, cfg)
     sizes = Counter(labels.tolist())
     labels = np.array([lab if sizes[lab] >= cfg.min_family_size else -1 for lab in labels])
 
-    dense = emb.toarray() if hasattr(emb, "toarray") else np.asarray(emb)
+    dense = emb
     n_total = len(requests)
     families = []
     for lab in sorted(set(labels.tolist())):
