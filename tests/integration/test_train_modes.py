@@ -24,9 +24,12 @@ def store_dir(tmp_path_factory, tiny_lm_dir):
 
     root = tmp_path_factory.mktemp("store")
     prompts = root / "prompts.jsonl"
-    prompts.write_text(
-        "".join(json.dumps({"id": e.id, "prompt": e.prompt}) + "\n" for e in make_examples(12, seed=7))
-    )
+    # Chat prompts: /v1/chat/completions returns top-k log-probabilities as lists aligned with the ids,
+    # which survive the random teacher's odd byte tokens (legacy completions key them by token text).
+    rows = [
+        {"id": e.id, "messages": [{"role": "user", "content": e.prompt}]} for e in make_examples(12, seed=7)
+    ]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with running_server(tiny_lm_dir) as url:
         done = subprocess.run(
             [sys.executable, "-m", "distill", "generate", "--teacher", url, "--prompts", str(prompts),
@@ -34,6 +37,7 @@ def store_dir(tmp_path_factory, tiny_lm_dir):
             capture_output=True, text=True, timeout=300,
         )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "without top-k" not in done.stdout + done.stderr
     return root / "store"
 
 
