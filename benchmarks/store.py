@@ -20,7 +20,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from distill import store
+from distill import store, store_writer
 from distill.teachers.base import Completion
 
 
@@ -42,7 +42,9 @@ def synthetic_rows(n: int, tokens: int, prompt_tokens: int, k: int, vocab: int, 
             top_logprobs=top,
             usage={"prompt_tokens": prompt_tokens, "completion_tokens": tokens},
         )
-        rows.append(store.completion_row(f"key{i:08d}", f"p{i}", "q" * (4 * prompt_tokens), None, c, k))
+        rows.append(
+            store_writer.completion_row(f"key{i:08d}", f"p{i}", "q" * (4 * prompt_tokens), None, c, k)
+        )
     return rows
 
 
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        with store.StoreWriter(tmp, cfg) as w:
+        with store_writer.StoreWriter(tmp, cfg) as w:
             for s in range(0, len(rows), args.shard_records):
                 w.write(rows[s : s + args.shard_records])
         write_s = time.perf_counter() - t0

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distill import store
+from distill import store, store_writer
 from distill.data import read_table
 from distill.teachers.base import GenerationSettings, Request, Teacher
 
@@ -185,7 +185,7 @@ def generate(
         )
         prompts.setdefault(p.key, p)  # identical prompts without ids: one request, one record
     t0 = time.monotonic()
-    with store.StoreWriter(out, config) as writer:
+    with store_writer.StoreWriter(out, config) as writer:
         for p in prompts.values():
             old = writer.ids.get(p.record_id)
             if old is not None and old != p.key:
@@ -347,7 +347,7 @@ def _collect(fut, batch, writer, buffer, spent, budget, price, result, k) -> Non
     for p in batch:
         c = by_key[p.key]
         try:
-            row = store.completion_row(p.key, p.record_id, p.prompt, p.messages, c, k)
+            row = store_writer.completion_row(p.key, p.record_id, p.prompt, p.messages, c, k)
         except ValueError as err:  # e.g. non-finite log-probabilities: never training data
             writer.fail(p.key, p.record_id, f"ValueError: {err}", 1)
             result.failed += 1

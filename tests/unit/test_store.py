@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from distill import store
+from distill import store, store_writer
 from distill.teachers.base import Completion
 
 K = 3
@@ -39,11 +39,11 @@ def completion(i: int, n: int = 3, k: int = K) -> Completion:
 
 def row(i: int, **kw) -> dict:
     key = store.record_key(store.config_hash(CONFIG), f"prompt {i}", None, f"p{i}")
-    return store.completion_row(key, f"p{i}", f"prompt {i}", None, completion(i, **kw), K)
+    return store_writer.completion_row(key, f"p{i}", f"prompt {i}", None, completion(i, **kw), K)
 
 
 def test_roundtrip_records_manifest_and_examples(tmp_path):
-    with store.StoreWriter(tmp_path / "s", CONFIG) as w:
+    with store_writer.StoreWriter(tmp_path / "s", CONFIG) as w:
         w.write([row(0), row(1)], spent={"prompt_tokens": 6, "completion_tokens": 6})
         w.write([row(2, n=2)])
     st = store.open(tmp_path / "s")
@@ -73,7 +73,7 @@ def test_roundtrip_records_manifest_and_examples(tmp_path):
 
 
 def test_max_length_cuts_from_the_end_and_counts_skips(tmp_path):
-    with store.StoreWriter(tmp_path, CONFIG) as w:
+    with store_writer.StoreWriter(tmp_path, CONFIG) as w:
         w.write([row(0, n=3)])
     st = store.open(tmp_path)
     (ex,) = st.examples(max_length=4)
@@ -88,8 +88,8 @@ def test_non_finite_logprobs_rejected_at_write_and_at_load(tmp_path):
     bad = completion(0)
     bad.top_logprobs[1][0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
-        store.completion_row("k", "p0", "x", None, bad, K)
-    with store.StoreWriter(tmp_path, CONFIG) as w:
+        store_writer.completion_row("k", "p0", "x", None, bad, K)
+    with store_writer.StoreWriter(tmp_path, CONFIG) as w:
         w.write([row(0), row(1)])
     # A shard written by another tool with an inf inside: the reader rejects that record and counts it.
     shard = next(tmp_path.glob("shard-*.parquet"))
@@ -105,14 +105,14 @@ def test_non_finite_logprobs_rejected_at_write_and_at_load(tmp_path):
 
 
 def test_torn_shard_and_temporaries_are_removed_and_redone(tmp_path):
-    with store.StoreWriter(tmp_path, CONFIG) as w:
+    with store_writer.StoreWriter(tmp_path, CONFIG) as w:
         w.write([row(0)])
         w.write([row(1)])
     second = tmp_path / "shard-000001.parquet"
     second.write_bytes(second.read_bytes()[:-20])  # torn: footer cut off
     (tmp_path / ".shard-000002.parquet.123.tmp").write_bytes(b"PAR1 half")
     assert len(store.open(tmp_path)) == 1  # the reader ignores the torn shard
-    with store.StoreWriter(tmp_path, CONFIG) as w:
+    with store_writer.StoreWriter(tmp_path, CONFIG) as w:
         assert w.done == {row(0)["key"]}
         assert sorted(w.repaired) == [
             "removed temporary file .shard-000002.parquet.123.tmp",
@@ -125,14 +125,14 @@ def test_torn_shard_and_temporaries_are_removed_and_redone(tmp_path):
 
 def test_failures_are_dropped_once_answered_and_torn_lines_skipped(tmp_path):
     r0 = row(0)
-    with store.StoreWriter(tmp_path, CONFIG) as w:
+    with store_writer.StoreWriter(tmp_path, CONFIG) as w:
         w.fail(r0["key"], "p0", "HTTP 500", attempts=3)
         w.fail("other", "p9", "timeout", attempts=3)
     with (tmp_path / "failures.jsonl").open("a") as f:
         f.write('{"key": "torn", "id"')  # a killed run's half line
     st = store.open(tmp_path)
     assert sorted(f["id"] for f in st.failures()) == ["p0", "p9"]
-    with store.StoreWriter(tmp_path, CONFIG) as w:
+    with store_writer.StoreWriter(tmp_path, CONFIG) as w:
         w.write([r0])
     lines = [json.loads(x) for x in (tmp_path / "failures.jsonl").read_text().splitlines()]
     assert [x["id"] for x in lines] == ["p9"]  # p0 is in the store now: never both
@@ -140,7 +140,7 @@ def test_failures_are_dropped_once_answered_and_torn_lines_skipped(tmp_path):
 
 
 def test_changed_setup_is_refused_and_changes_every_key(tmp_path):
-    with store.StoreWriter(tmp_path, CONFIG) as w:
+    with store_writer.StoreWriter(tmp_path, CONFIG) as w:
         w.write([row(0)])
     base = store.record_key(store.config_hash(CONFIG), "prompt 0", None, "p0")
     variants = [
@@ -151,14 +151,14 @@ def test_changed_setup_is_refused_and_changes_every_key(tmp_path):
     for cfg in variants:
         assert store.record_key(store.config_hash(cfg), "prompt 0", None, "p0") != base
         with pytest.raises(ValueError, match="another setup"):
-            store.StoreWriter(tmp_path, cfg)
+            store_writer.StoreWriter(tmp_path, cfg)
     assert store.record_key(store.config_hash(CONFIG), "prompt 0!", None, "p0") != base
 
 
 def test_second_writer_is_refused(tmp_path):
-    with store.StoreWriter(tmp_path, CONFIG):
+    with store_writer.StoreWriter(tmp_path, CONFIG):
         with pytest.raises(ValueError, match="another process"):
-            store.StoreWriter(tmp_path, CONFIG)
+            store_writer.StoreWriter(tmp_path, CONFIG)
 
 
 def test_bytes_per_generated_token_at_k20(tmp_path):
@@ -181,8 +181,8 @@ def test_bytes_per_generated_token_at_k20(tmp_path):
             ids.tolist(),
             lps.tolist(),
         )
-        rows.append(store.completion_row(f"k{i}", f"p{i}", "y" * 200, None, c, k))
-    with store.StoreWriter(tmp_path, cfg) as w:
+        rows.append(store_writer.completion_row(f"k{i}", f"p{i}", "y" * 200, None, c, k))
+    with store_writer.StoreWriter(tmp_path, cfg) as w:
         w.write(rows)
     size = sum(p.stat().st_size for p in tmp_path.glob("shard-*.parquet"))
     assert size / (n_tok * n_rec) <= 6 * k + 16
