@@ -19,6 +19,7 @@ Cases (forward + backward of one scalar loss, gradients for hidden states and he
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -56,8 +57,31 @@ def _peak_mib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
+def _reset_peak(device: str) -> bool:
+    """Start a new peak from the current usage, so that transients while building inputs do not count."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+        return True
+    try:  # Linux >= 4.0: writing 5 resets the peak RSS (VmHWM, which ru_maxrss reports)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def run_case(
-    case: str, n: int, h: int, v: int, reps: int, device: str, h_teacher: int, threads: int | None = None
+    case: str,
+    n: int,
+    h: int,
+    v: int,
+    reps: int,
+    device: str,
+    h_teacher: int,
+    threads: int | None = None,
+    chunk_size: int | None = None,
 ) -> dict:
     """One case in this process: build inputs, one warm-up, ``reps`` timed forward+backward passes."""
     import torch
@@ -81,9 +105,20 @@ def run_case(
             with torch.no_grad():
                 return t_hidden @ t_weight.T
     else:
-        fixed = 3.0 * torch.randn(n, v)
         if case == "fused_top20":
-            fixed = SparseTargets.from_logits(fixed, 20, temperature=temperature)
+            # Built a block of rows at a time, so that no (N, V) teacher matrix is ever resident.
+            blocks = [
+                SparseTargets.from_logits(
+                    torch.randn(min(256, n - i), v).mul_(3.0), 20, temperature=temperature
+                )
+                for i in range(0, n, 256)
+            ]
+            ids = torch.cat([b.ids for b in blocks])
+            fixed = SparseTargets(
+                ids=ids, logprobs=torch.cat([b.logprobs for b in blocks]), temperature=temperature
+            )
+        else:
+            fixed = torch.randn(n, v).mul_(3.0)  # in place: no transient second copy
 
         def teacher_signal():
             return fixed
@@ -99,7 +134,9 @@ def run_case(
             name = case.split(":", 1)[1]
             loss = LOSSES[name](hidden @ weight.T, teacher, temperature=temperature)
         elif case in ("fused", "fused_top20"):
-            loss = fused_linear_kd_loss(hidden, weight, teacher, temperature=temperature)
+            loss = fused_linear_kd_loss(
+                hidden, weight, teacher, temperature=temperature, chunk_size=chunk_size
+            )
         else:
             raise ValueError(f"unknown case {case!r}; expected one of {CPU_CASES}")
         loss.backward()
@@ -111,8 +148,8 @@ def run_case(
             torch.cuda.synchronize()
 
     sync()
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    gc.collect()
+    peak_reset = _reset_peak(device)
     base_mib = _peak_mib(device)  # the inputs (and, on CPU, the interpreter and torch)
     value = step()  # warm-up (allocator, thread pools)
     sync()
@@ -140,6 +177,8 @@ def run_case(
         "peak_mib": peak,
         "inputs_mib": base_mib,
         "extra_mib": peak - base_mib,
+        "peak_reset": peak_reset,
+        "chunk_size": chunk_size,
     }
 
 
@@ -164,6 +203,8 @@ def _spawn(case: str, n: int, args: argparse.Namespace, device: str) -> dict:
     cmd += ["--teacher-hidden", str(args.teacher_hidden)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.chunk_size:
+        cmd += ["--chunk-size", str(args.chunk_size)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -185,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=int, default=None, help="vocabulary V (default 32000; CUDA 128256)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions per case (median reported)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per case (default: torch's)")
+    p.add_argument(
+        "--chunk-size", type=int, default=None, help="fused cases: rows per chunk (default: the library's)"
+    )
     p.add_argument("--cases", default=None, help="comma-separated subset of the cases")
     p.add_argument(
         "--out", type=Path, default=None, help="JSON output (default bench-results/losses[-cuda].json)"
@@ -252,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['cpu_ms'] / ref['cpu_ms']:.2f}" if ref else "",
             f"{r['peak_mib']:.0f}",
             f"{r['extra_mib']:.0f}",
-            f"{ref['extra_mib'] / max(r['extra_mib'], 1e-9):.1f}" if ref else "",
+            f"{ref['extra_mib'] / r['extra_mib']:.1f}" if ref and r["extra_mib"] >= 1 else "",
         )
     Console(width=160).print(table)
 
