@@ -72,7 +72,10 @@ def _serve(port_q, latency: float) -> None:
             time.sleep(latency)
             self._send(body)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    class Server(ThreadingHTTPServer):
+        request_queue_size = 256  # listen backlog: the default 5 resets a burst of 32 new connections
+
+    server = Server(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
     port_q.put(server.server_address[1])
     server.serve_forever()
@@ -98,6 +101,7 @@ def run_once(url: str, concurrency: int, n: int) -> float:
         wall = time.perf_counter() - t0
         teacher.close()
     assert res.answered == n and res.failed == 0, res
+    assert teacher.stats["retries"] == 0, f"the server refused connections: {teacher.stats}"
     return wall
 
 

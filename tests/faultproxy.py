@@ -27,6 +27,10 @@ from urllib.parse import urlsplit
 KINDS = ("429", "500", "timeout", "drop", "malformed")
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 256  # listen backlog: the default 5 resets bursts of concurrent connections
+
+
 class FaultProxy:
     def __init__(
         self,
@@ -53,7 +57,7 @@ class FaultProxy:
         self.faults: Counter[str] = Counter()  # faults injected, by kind
         self.forwarded = 0
         self.headers_seen: list[dict[str, str]] = []
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._server = _Server(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
         # A client that gave up (its timeout) makes our late write fail: expected here, not news.
         self._server.handle_error = lambda request, address: None
