@@ -11,6 +11,7 @@ import pytest
 
 from distill import store
 from distill.generate import generate, load_prompts
+from distill.prices import TokenPrice
 from distill.teachers.base import GenerationSettings
 
 
@@ -48,10 +49,14 @@ def test_local_teacher_store_is_aligned_with_teacher_scores(tiny_lm_dir, tmp_pat
     rows.append({"id": "chat", "messages": [{"role": "user", "content": "Invoice total?"}]})
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     settings = GenerationSettings(max_new_tokens=5, top_logprobs=4)
-    res = generate(teacher, prompts, tmp_path / "s", settings=settings, progress=False)
-    assert res.answered == 6 and res.failed == 0 and res.tokens > 0
+    price = TokenPrice(input_per_1m=1.0, output_per_1m=2.0)
+    res = generate(teacher, prompts, tmp_path / "s", settings=settings, progress=False, price=price)
+    assert res.answered == 6 and res.failed == 0 and 0 < res.completion_tokens <= 6 * 5
+    assert res.cost == pytest.approx((res.prompt_tokens * 1.0 + res.completion_tokens * 2.0) / 1e6)
     st = store.open(tmp_path / "s")
     assert st.manifest["tokenizer"] == teacher.identity()["tokenizer"] and st.manifest["k"] == 4
+    assert st.manifest["spent"]["cost"] == pytest.approx(res.cost)
+    assert st.manifest["tokens"] == {"prompt": res.prompt_tokens, "completion": res.completion_tokens}
     for ex in st.examples():
         labels = ex["labels"]
         P = int((labels == -100).sum())

@@ -186,3 +186,18 @@ def test_bytes_per_generated_token_at_k20(tmp_path):
         w.write(rows)
     size = sum(p.stat().st_size for p in tmp_path.glob("shard-*.parquet"))
     assert size / (n_tok * n_rec) <= 6 * k + 16
+
+
+def test_black_box_records_are_tokenised_with_a_tokenizer(tmp_path, tiny_tokenizer):
+    c = Completion("p0", "total 3.50 EUR", "stop", usage={"prompt_tokens": 4, "completion_tokens": 5})
+    with store_writer.StoreWriter(tmp_path, CONFIG) as w:
+        w.write([store_writer.completion_row("k0", "p0", "Invoice 0001", None, c, K)])
+    st = store.open(tmp_path)
+    assert list(st)[0]["topk_ids"] is None and list(st)[0]["completion_token_ids"] is None
+    with pytest.raises(ValueError, match="no token ids"):
+        list(st.examples())
+    (ex,) = st.examples(tokenizer=tiny_tokenizer)
+    p = tiny_tokenizer("Invoice 0001")["input_ids"]
+    c_ids = tiny_tokenizer("total 3.50 EUR", add_special_tokens=False)["input_ids"]
+    assert ex["input_ids"].tolist() == p + c_ids and ex["labels"].tolist() == [-100] * len(p) + c_ids
+    assert "topk_ids" not in ex
