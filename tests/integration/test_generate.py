@@ -370,6 +370,11 @@ def test_budget_stops_cleanly_and_resume_finishes(server, model, tmp_path):
     assert (
         res2.done_before == res.answered and res2.answered == 10 - res.answered and not res2.stopped_by_budget
     )
+    # The command says how far it got and exits 3.
+    args = ["generate", "--teacher", server, "--model", model, "--prompts", str(prompts), "--top-k", "2"]
+    args += ["--max-new-tokens", "4", "--out", str(tmp_path / "t"), "--budget-tokens", "60", "--no-progress"]
+    assert main(args) == 3
+    assert 0 < len(store.open(tmp_path / "t")) < 10
 
 
 def test_replicas_share_the_load(server, model, tmp_path):
