@@ -65,3 +65,21 @@ def test_local_teacher_store_is_aligned_with_teacher_scores(tiny_lm_dir, tmp_pat
         np.testing.assert_allclose(ex["topk_logprobs"][P:].numpy(), score.top_logprobs, atol=2e-2)
     again = generate(teacher, prompts, tmp_path / "s", settings=settings, progress=False)
     assert again.answered == 0 and again.done_before == 6
+
+
+def test_retrained_weights_in_the_same_directory_never_reuse_records(tiny_lm_dir, tiny_tokenizer, tmp_path):
+    import shutil
+
+    from distill.teachers.hf import HFTeacher
+    from distill.tiny import save_tiny, tiny_causal_lm
+
+    model_dir = shutil.copytree(tiny_lm_dir, tmp_path / "teacher")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"id": "a", "prompt": "Invoice 0001"}) + "\n")
+    settings = GenerationSettings(max_new_tokens=2, top_logprobs=2)
+    generate(HFTeacher(model_dir), prompts, tmp_path / "s", settings=settings, progress=False)
+    save_tiny(
+        tiny_causal_lm(len(tiny_tokenizer), seed=5), tiny_tokenizer, model_dir
+    )  # same name, new weights
+    with pytest.raises(ValueError, match="another setup.*weights"):
+        generate(HFTeacher(model_dir), prompts, tmp_path / "s", settings=settings, progress=False)
