@@ -54,7 +54,7 @@ class LMDemoConfig:
     """Teacher log-probabilities stored per token."""
     alpha: float = 0.7
     """Weight of the distillation term in ``logits`` mode."""
-    lr_teacher: float = 3e-3
+    lr_teacher: float = 1e-3
     """Peak learning rate of the teacher."""
     lr_student: float = 3e-3
     """Peak learning rate of the students."""
