@@ -5,7 +5,8 @@ server-sent events that carry a finished response when `stream` is true.
 Besides OpenAI's fields every choice carries distill's token-id extension (the first two as vLLM
 names them): ``prompt_token_ids``, ``token_ids`` (the completion, including a final
 end-of-sequence token when ``finish_reason`` is "stop"), and, when log-probabilities were asked
-for, ``top_token_ids`` ((n_tokens, k) ids aligned with the ``top_logprobs`` entries).
+for, ``top_token_ids`` ((n_tokens, k) ids aligned with the ``top_logprobs`` entries) and, in
+/v1/completions choices, ``top_token_logprobs`` ((n_tokens, k) values aligned with ``top_token_ids``).
 Log-probability entries are one per completion token id, so the end-of-sequence token has one
 too (its text is not part of ``text``/``content``).
 """
@@ -316,6 +317,9 @@ def completion_choice(index: int, g: Generation, token_bytes: Callable[[int], by
             "text_offset": offsets,
         }
         choice["top_token_ids"] = top_ids
+        # The legacy {text: logprob} dicts merge ids that decode to the same text; these values stay
+        # aligned with top_token_ids so a client can rebuild the exact top-k (APITeacher reads them).
+        choice["top_token_logprobs"] = top_lps
     return choice
 
 

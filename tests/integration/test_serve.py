@@ -117,6 +117,8 @@ def test_openai_completions_with_logprobs(server, teacher):
         assert lp.text_offset == [sum(len(t) for t in lp.tokens[:j]) for j in range(len(lp.tokens))]
         assert c.model_extra["token_ids"] == w.completion_token_ids
         assert c.model_extra["top_token_ids"] == w.top_ids
+        got = [lp for row in c.model_extra["top_token_logprobs"] for lp in row]
+        assert got == pytest.approx([lp for row in w.top_logprobs for lp in row], abs=1e-5)
     assert r.usage.prompt_tokens == sum(len(w.prompt_token_ids) for w in want)  # once per prompt
     assert r.usage.completion_tokens == 2 * sum(len(w.completion_token_ids) for w in want)
 
