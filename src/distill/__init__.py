@@ -1,9 +1,24 @@
-"""distill: train a small student model to reproduce a large teacher, and measure what it keeps."""
+"""distill: train a small student model to reproduce a large teacher, and measure what it keeps.
 
-from distill.classifier import calibrate_temperature, compare, distill_classifier
-from distill.losses import LOSSES, hinton_loss
+The public names below are imported on first use, so `import distill` (and every `distill`
+command, an HTTP-only `distill generate` among them) does not pay for torch until it needs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "LOSSES": "distill.losses",
+    "hinton_loss": "distill.losses",
+    "calibrate_temperature": "distill.classifier",
+    "compare": "distill.classifier",
+    "distill_classifier": "distill.classifier",
+}
 __all__ = [
     "LOSSES",
     "__version__",
@@ -12,3 +27,15 @@ __all__ = [
     "distill_classifier",
     "hinton_loss",
 ]
+
+if TYPE_CHECKING:
+    from distill.classifier import calibrate_temperature, compare, distill_classifier
+    from distill.losses import LOSSES, hinton_loss
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'distill' has no attribute {name!r}")
