@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from distill.serve_format import (
@@ -45,6 +45,7 @@ from distill.serve_format import (
     stream_events,
     too_large,
 )
+from distill.serve_router import RoutingPolicy
 from distill.teachers.base import GenerationSettings
 from distill.teachers.base import Request as TeacherRequest
 from distill.teachers.hf import Generation
@@ -140,11 +141,13 @@ def create_app(
     dtype: Any = None,
     batch_size: int = 8,
     trust_remote_code: bool = False,
+    routing: RoutingPolicy | None = None,
 ) -> FastAPI:
     """Load the causal LM in ``model_dir`` as an `HFTeacher` and serve it (see `build_app`).
 
     ``max_body_bytes`` sets the 413 limit when ``limits`` is not given (``limits`` wins otherwise);
-    ``device``/``dtype``/``batch_size``/``trust_remote_code`` go to `HFTeacher`.
+    ``device``/``dtype``/``batch_size``/``trust_remote_code`` go to `HFTeacher`; ``routing``
+    to `build_app`.
     """
     from distill.teachers.hf import HFTeacher
 
@@ -152,14 +155,22 @@ def create_app(
     backend = HFTeacher(
         model_dir, device=device, dtype=dtype, batch_size=batch_size, trust_remote_code=trust_remote_code
     )
-    return build_app(backend, api_key=api_key, limits=limits)
+    return build_app(backend, api_key=api_key, limits=limits, routing=routing)
 
 
-def build_app(backend: Backend, *, api_key: str | None = None, limits: ServeLimits | None = None) -> FastAPI:
+def build_app(
+    backend: Backend,
+    *,
+    api_key: str | None = None,
+    limits: ServeLimits | None = None,
+    routing: RoutingPolicy | None = None,
+) -> FastAPI:
     """An OpenAI-compatible FastAPI app answering from ``backend``.
 
     ``api_key``: when set, every route but /health needs ``Authorization: Bearer <api_key>``
     (401 otherwise). Only a sha256 digest of it is kept; it is never logged or echoed.
+    ``routing``: when given, each answer goes through it (student or fallback teacher, see
+    `distill.serve_router`) and ``GET /metrics`` reports the counts in Prometheus text format.
     """
     limits = limits or ServeLimits()
     key_digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
@@ -171,6 +182,8 @@ def build_app(backend: Backend, *, api_key: str | None = None, limits: ServeLimi
         task = asyncio.create_task(batcher.run())
         yield
         task.cancel()
+        if routing is not None:
+            await routing.aclose()
 
     app = FastAPI(title="distill serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.backend = backend
@@ -212,6 +225,28 @@ def build_app(backend: Backend, *, api_key: str | None = None, limits: ServeLimi
             card["max_model_len"] = backend.max_context
         return card
 
+    if routing is not None:
+
+        @app.get("/metrics")
+        async def metrics():
+            return PlainTextResponse(routing.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    async def routed(gens: list[Generation], k: int, path: str, body: dict, stream: bool, started: float):
+        """With routing: the fallback teacher's response, or None when the student keeps the request
+        (``gens`` then trimmed in place to the client's top-k)."""
+        if routing is None:
+            return None
+        if routing.decide(gens) == "teacher":
+            return await routing.forward(path, body, stream, started)
+        gens[:] = routing.trim(gens, k)
+        return None
+
+    def reply_as_student(reply, started: float):
+        return reply if routing is None else routing.student_reply(reply, started)
+
+    def run_settings(settings: GenerationSettings) -> GenerationSettings:
+        return settings if routing is None else routing.student_settings(settings)
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [model_card()]}
@@ -226,18 +261,28 @@ def build_app(backend: Backend, *, api_key: str | None = None, limits: ServeLimi
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        started = time.perf_counter()
         body = await read_json(request, limits)
         prompts = parse_prompts(body, limits)
         settings, n = parse_settings(body, limits, chat=False)
         k = settings.top_logprobs if body.get("logprobs") is not None else None
         reqs = fan_out(prompts, n, body, lambda rid, p: TeacherRequest(id=rid, prompt=p))
         stops, stream = parse_stop(body), parse_stream(body)
-        gens = [apply_stop(g, stops, backend.token_bytes) for g in await _run(batcher, reqs, settings)]
+        gens = [
+            apply_stop(g, stops, backend.token_bytes)
+            for g in await _run(batcher, reqs, run_settings(settings))
+        ]
+        if (
+            teacher := await routed(gens, settings.top_logprobs, "/completions", body, stream[0], started)
+        ) is not None:
+            return teacher
         choices = [completion_choice(i, g, backend.token_bytes, k) for i, g in enumerate(gens)]
-        return _reply(_response("cmpl", "text_completion", model_id, choices, gens, n), stream, chat=False)
+        reply = _reply(_response("cmpl", "text_completion", model_id, choices, gens, n), stream, chat=False)
+        return reply_as_student(reply, started)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        started = time.perf_counter()
         body = await read_json(request, limits)
         messages = parse_messages(body)
         settings, n = parse_settings(body, limits, chat=True)
@@ -246,11 +291,17 @@ def build_app(backend: Backend, *, api_key: str | None = None, limits: ServeLimi
         if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
             settings = await _fit_context(backend, reqs[0], settings)
         stops, stream = parse_stop(body), parse_stream(body)
-        gens = [apply_stop(g, stops, backend.token_bytes) for g in await _run(batcher, reqs, settings)]
+        gens = [
+            apply_stop(g, stops, backend.token_bytes)
+            for g in await _run(batcher, reqs, run_settings(settings))
+        ]
+        path = "/chat/completions"
+        if (teacher := await routed(gens, settings.top_logprobs, path, body, stream[0], started)) is not None:
+            return teacher
         choices = [chat_choice(i, g, backend.token_bytes, k) for i, g in enumerate(gens)]
         out = _response("chatcmpl", "chat.completion", model_id, choices, gens, n)
         out["prompt_token_ids"] = gens[0].completion.prompt_token_ids  # as vLLM does for chat
-        return _reply(out, stream, chat=True)
+        return reply_as_student(_reply(out, stream, chat=True), started)
 
     return app
 

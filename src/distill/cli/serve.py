@@ -32,8 +32,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run code shipped with the checkpoint (off by default)",
     )
-    # Reserved for the routing issue: --router FILE and --fallback URL (answer from the student or
-    # forward to a teacher). They plug in as another Backend passed to distill.serve.build_app.
+    parser.add_argument(
+        "--router",
+        metavar="FILE",
+        default=None,
+        help="router JSON from `distill route fit`: answer from this model when it is confident, "
+        "forward to --fallback otherwise (needs --fallback)",
+    )
+    parser.add_argument(
+        "--fallback",
+        metavar="URL",
+        default=None,
+        help="OpenAI-compatible base URL of the teacher, e.g. http://host:8000/v1 (needs --router)",
+    )
+    parser.add_argument(
+        "--fallback-api-key-env",
+        metavar="VAR",
+        default=None,
+        help="name of the environment variable holding the fallback's API key (never logged)",
+    )
+    parser.add_argument(
+        "--fallback-model",
+        metavar="NAME",
+        default=None,
+        help="model name put in forwarded requests (default: the client's, unchanged)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
             )
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    routing = _routing(args)  # before the model loads: a bad router or URL fails fast
     limits = ServeLimits(max_body_bytes=args.max_body_bytes)
     app = create_app(
         args.model_dir,
@@ -58,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         batch_size=args.batch_size,
         trust_remote_code=args.trust_remote_code,
+        routing=routing,
     )
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"distill serve: warning: listening on {args.host} without an API key", file=sys.stderr)
@@ -67,5 +92,41 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
+    if routing is not None:
+        r = routing.router
+        print(
+            f"distill serve: routing on {r.signal} >= {r.threshold_:.4g} (oriented), "
+            f"else to {routing.fallback_url}; counts at /metrics",
+            file=sys.stderr,
+            flush=True,
+        )
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
+
+
+def _routing(args: argparse.Namespace):
+    """A `RoutingPolicy` from --router/--fallback/--fallback-api-key-env, or None without --router."""
+    if args.router is None and args.fallback is None:
+        for flag, value in (
+            ("--fallback-api-key-env", args.fallback_api_key_env),
+            ("--fallback-model", args.fallback_model),
+        ):
+            if value is not None:
+                raise ValueError(f"{flag} needs --router and --fallback")
+        return None
+    if args.router is None:
+        raise ValueError("--fallback needs --router FILE (which requests go to the fallback)")
+    if args.fallback is None:
+        raise ValueError("--router needs --fallback URL (where unconfident requests go)")
+    from distill.serve_router import RoutingPolicy, check_fallback_url, load_router
+
+    url = check_fallback_url(args.fallback)
+    router = load_router(args.router)
+    key = None
+    if args.fallback_api_key_env:
+        key = os.environ.get(args.fallback_api_key_env)
+        if not key:
+            raise ValueError(
+                f"--fallback-api-key-env {args.fallback_api_key_env}: that environment variable is not set or empty"
+            )
+    return RoutingPolicy(router, url, fallback_api_key=key, fallback_model=args.fallback_model)
