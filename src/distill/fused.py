@@ -16,9 +16,9 @@ from torch import Tensor
 from distill._divergence import check_loss, check_mask, check_temperature, upcast
 from distill.sparse import TAILS, SparseTargets, check_against_vocab, kd_rows, map_targets
 
-# Default chunk: about 2**22 logits (16 MiB per float32 copy of a chunk; the loss holds ~8 such copies
-# while it runs, so ~130 MiB beyond the inputs whatever N is). Large enough that each chunk's matmul
-# runs at full speed: 128 rows at V = 32,000, 32 rows at V = 128,256 (see docs/losses.md).
+# Default chunk: about 2**22 logits (16 MiB per float32 copy of a chunk). The extra memory is a few such
+# buffers plus the head's float32 gradient accumulator, independent of N; 131 rows at V = 32,000 and 32 at
+# V = 128,256 keep each chunk's matmul at full speed on CPU (docs/losses.md has the measurements).
 CHUNK_LOGITS = 2**22
 
 
