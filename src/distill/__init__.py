@@ -15,22 +15,28 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "LOSSES": "distill.losses",
     "hinton_loss": "distill.losses",
+    "kd_loss": "distill.losses",
+    "SparseTargets": "distill.losses",
+    "fused_linear_kd_loss": "distill.losses",
     "calibrate_temperature": "distill.classifier",
     "compare": "distill.classifier",
     "distill_classifier": "distill.classifier",
 }
 __all__ = [
     "LOSSES",
+    "SparseTargets",
     "__version__",
     "calibrate_temperature",
     "compare",
     "distill_classifier",
+    "fused_linear_kd_loss",
     "hinton_loss",
+    "kd_loss",
 ]
 
 if TYPE_CHECKING:
     from distill.classifier import calibrate_temperature, compare, distill_classifier
-    from distill.losses import LOSSES, hinton_loss
+    from distill.losses import LOSSES, SparseTargets, fused_linear_kd_loss, hinton_loss, kd_loss
 
 
 def __getattr__(name: str) -> Any:
