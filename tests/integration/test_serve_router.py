@@ -180,6 +180,13 @@ def test_streaming_and_several_prompts(setup, routed):
         model="any", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0
     )
     assert text == direct.choices[0].text
+    # A streamed student-routed request: the student's own events.
+    own = dict(zip(PROMPTS, (t for t, _ in setup["own"]), strict=True))
+    prompt = by_route["student"][0]
+    stream = client.completions.create(
+        model="any", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in stream if c.choices) == own[prompt]
     # Several prompts: the whole request goes to the teacher when any one is unconfident.
     mixed = [by_route["student"][0], by_route["teacher"][0]]
     raw = client.completions.with_raw_response.create(
@@ -196,7 +203,6 @@ def test_streaming_and_several_prompts(setup, routed):
     )
     assert _route(raw) == "student"
     choices = raw.parse().choices
-    own = dict(zip(PROMPTS, (t for t, _ in setup["own"]), strict=True))
     assert [c.text for c in choices] == [own[p] for p in confident]
     assert all(len(row) == 2 for c in choices for row in c.logprobs.top_logprobs)  # the client's k, not 5
 
