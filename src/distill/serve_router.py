@@ -238,9 +238,10 @@ class RoutingPolicy:
         headers = {ROUTE_HEADER: "teacher"}
         media_type = upstream.headers.get("content-type", "application/json")
         self.metrics.record("teacher", time.perf_counter() - started)
+        # Bodies are passed on decoded (aiter_bytes/aread): the teacher's content-encoding is not forwarded.
         if stream:  # pass the teacher's server-sent events through as they come
             return StreamingResponse(
-                upstream.aiter_raw(),
+                upstream.aiter_bytes(),
                 media_type=media_type,
                 headers=headers,
                 background=BackgroundTask(upstream.aclose),
