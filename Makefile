@@ -30,8 +30,12 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q tests
 
+# Benchmarks that need nothing beyond .venv. benchmarks/train.py (needs its own TRL venv) and
+# benchmarks/route.py (trains the demos' models) are run by hand; see their docstrings and docs/.
 bench: $(STAMP)
 	$(PY) benchmarks/losses.py
+	$(PY) benchmarks/store.py
+	$(PY) benchmarks/generate.py --seconds 8
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info src/*.egg-info .pytest_cache .ruff_cache
