@@ -5,7 +5,9 @@ The loop, in order: read and validate every prompt (before any request); derive 
 (which repairs what a killed run left and knows the keys already done); send only the rest, with
 bounded concurrency (HTTP teachers) or in batches (local teachers); commit answers as shards every
 ``flush_every`` records or ``flush_seconds``; log failures to ``failures.jsonl`` (the next run
-retries them). A prompt therefore ends in the store or in the failures, never in both, and a
+retries them). Store writes (shard commits and failure lines, each fsynced) run in order on one
+background thread, at most one shard commit behind the request loop, so a commit does not hold
+back the next requests; an error there stops the run at the next commit or at the end. A prompt therefore ends in the store or in the failures, never in both, and a
 re-run after ``kill -9`` finishes the rest: nothing is lost (uncommitted answers are asked again)
 and nothing is duplicated (a committed key is never asked again).
 """
@@ -298,9 +300,26 @@ def _run(
         TimeElapsedColumn(),
     ]
 
+    # One thread does every store write, in submission order (`StoreWriter` is not thread-safe).
+    # A commit takes ~10-30 ms (Parquet, fsyncs): done in the loop it left finished requests
+    # uncollected and their slots idle (~2% of the rate at concurrency 32, docs/store.md).
+    store_thread = ThreadPoolExecutor(1, thread_name_prefix="distill-store")
+    store_ops: list[Future] = []
+
+    def settle(block: bool) -> None:
+        """Raise the first store error; with ``block``, wait for every write sent so far."""
+        for op in list(store_ops):
+            if block or op.done():
+                store_ops.remove(op)
+                op.result()
+
+    def fail(*args) -> None:
+        store_ops.append(store_thread.submit(writer.fail, *args))
+
     def flush() -> None:
         nonlocal last_flush, pending_spent
-        writer.write(buffer, spent=pending_spent)
+        settle(block=True)  # at most one commit in flight: bounded memory, errors surface promptly
+        store_ops.append(store_thread.submit(writer.write, list(buffer), spent=pending_spent))
         buffer.clear()
         pending_spent = {"prompt_tokens": 0, "completion_tokens": 0, "cost": 0.0}
         last_flush = time.monotonic()
@@ -334,7 +353,7 @@ def _run(
                 for fut in finished:
                     batch, cost = inflight.pop(fut)
                     budget.reserved -= cost
-                    _collect(fut, batch, writer, buffer, pending_spent, budget, price, result, k)
+                    _collect(fut, batch, fail, buffer, pending_spent, budget, price, result, k)
                 bar.update(
                     task,
                     completed=result.answered + result.failed,
@@ -344,16 +363,22 @@ def _run(
                 )
                 if len(buffer) >= flush_every or (buffer and time.monotonic() - last_flush >= flush_seconds):
                     flush()
+                settle(block=False)
         finally:
             for fut in inflight:
                 fut.cancel()
-            flush()
+            try:
+                flush()
+                settle(block=True)
+            finally:
+                store_thread.shutdown(wait=True)
     result.left = len(todo) - result.answered - result.failed
     result.stopped_by_budget = result.left > 0
 
 
-def _collect(fut, batch, writer, buffer, spent, budget, price, result, k) -> None:
-    """File one finished job's answers into ``buffer`` and its failures into the store's log."""
+def _collect(fut, batch, fail, buffer, spent, budget, price, result, k) -> None:
+    """File one finished job's answers into ``buffer`` and its failures into the store's log
+    (``fail(key, record_id, error, attempts)``, `StoreWriter.fail` on the store thread)."""
     try:
         completions = fut.result()
         by_key = {c.id: c for c in completions}
@@ -362,7 +387,7 @@ def _collect(fut, batch, writer, buffer, spent, budget, price, result, k) -> Non
             raise ValueError(f"the teacher's answer lacks prompts {missing[:3]!r}")
     except Exception as err:  # the whole call failed: every prompt in it is a failure
         for p in batch:
-            writer.fail(p.key, p.record_id, f"{type(err).__name__}: {err}", getattr(err, "attempts", 1))
+            fail(p.key, p.record_id, f"{type(err).__name__}: {err}", getattr(err, "attempts", 1))
             result.failed += 1
         return
     for p in batch:
@@ -370,7 +395,7 @@ def _collect(fut, batch, writer, buffer, spent, budget, price, result, k) -> Non
         try:
             row = store_writer.completion_row(p.key, p.record_id, p.prompt, p.messages, c, k)
         except ValueError as err:  # e.g. non-finite log-probabilities: never training data
-            writer.fail(p.key, p.record_id, f"ValueError: {err}", 1)
+            fail(p.key, p.record_id, f"ValueError: {err}", 1)
             result.failed += 1
             continue
         buffer.append(row)
