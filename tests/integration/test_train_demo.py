@@ -12,9 +12,16 @@ from distill.cli import main
 @pytest.mark.slow
 def test_lm_demo_quick_writes_report_and_reuses_the_teacher(tmp_path):
     out = tmp_path / "demo"
-    assert main(["demo", "--task", "lm", "--quick", "--out", str(out)]) == 0
+    assert main(["demo", "--task", "lm", "--quick", "--labelled", "30", "--out", str(out)]) == 0
     r = json.loads((out / "report.json").read_text())
     assert set(r["models"]) == {"teacher", "hard labels", "sft (teacher text)", "logits (top-k KD)"}
+    # Label scarcity: the hard-label student sees only the 30 gold answers, the others every transfer prompt.
+    assert r["labelled"] == 30
+    gold = (out / "data" / "labelled_gold.jsonl").read_text().splitlines()
+    assert len(gold) == 30
+    assert r["models"]["hard labels"]["train_examples"] == 30
+    assert r["models"]["sft (teacher text)"]["train_examples"] == r["config"]["n_transfer"] == 160
+    assert r["models"]["logits (top-k KD)"]["train_examples"] == 160
     t = r["models"]["teacher"]
     for name, m in r["models"].items():
         assert 0.0 <= m["exact_match"] <= 1.0 and m["eval_ce"] > 0, name
@@ -34,3 +41,10 @@ def test_lm_demo_quick_writes_report_and_reuses_the_teacher(tmp_path):
     again = run(out, quick=True, progress=False, student_steps=2)
     assert again["models"]["teacher"]["cached"] is True
     assert (out / "teacher" / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_lm_demo_rejects_more_labelled_examples_than_transfer_prompts(tmp_path, capsys):
+    assert main(["demo", "--task", "lm", "--quick", "--labelled", "500", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "labelled must be" in err and "500" in err and "160" in err
+    assert not (tmp_path / "teacher").exists()  # refused before any work

@@ -17,8 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--labelled",
         type=int,
-        default=200,
-        help="digits: labelled training examples the students get (default 200)",
+        default=None,
+        help="labelled training examples (gold answers) the students get; digits: default 200, "
+        "lm: default 150 of the 1500 transfer prompts (--quick: 40 of 160)",
     )
     parser.add_argument(
         "--seeds", type=int, default=3, help="digits: student seeds, mean and spread shown (default 3)"
@@ -54,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
                 "--task lm is not available yet: distill.demos.lm is not part of this build"
             ) from None
         out = args.out or "runs/demo-lm"
-        lm.run(out=out, quick=args.quick, progress=args.progress)
+        labelled = {} if args.labelled is None else {"labelled": args.labelled}
+        lm.run(out=out, quick=args.quick, progress=args.progress, **labelled)
         print(f"wrote {out}/report.json, report.md and plot.png")
         return 0
     from distill.demos.digits import run_digits_demo
@@ -63,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     run_digits_demo(
         out,
         quick=args.quick,
-        labelled=args.labelled,
+        labelled=200 if args.labelled is None else args.labelled,
         seeds=args.seeds,
         temperatures=args.temperatures,
         alpha=args.alpha,

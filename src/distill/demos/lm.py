@@ -5,16 +5,23 @@ The setting, all on this machine's CPU, nothing downloaded:
 1. A byte-level BPE tokenizer is trained on the task's texts; a teacher causal LM (4 layers) is
    trained on gold answers (``sft``) and cached under ``OUT/teacher`` (reused when its settings match).
 2. The teacher answers a transfer set of prompts through `distill.generate` into a real store
-   (``OUT/store``) with its top-k log-probabilities.
-3. Three students 5-10x smaller, all from the same initialisation and with the same steps and batch
-   (the same token budget up to answer lengths), each trained by `distill.train.train`:
-   ``hard labels`` (gold answers of the transfer prompts, no teacher), ``sft`` (the teacher's answers)
-   and ``logits`` (the teacher's top-k log-probabilities, forward KL mixed with CE).
+   (``OUT/store``) with its top-k log-probabilities. Labels are scarce, as in the classifier demo:
+   only the first ``labelled`` transfer prompts (default 150 of 1500) have a gold answer.
+3. Three students 5-10x smaller, all from the same initialisation and with the same steps and batch,
+   each trained by `distill.train.train`: ``hard labels`` (the ``labelled`` gold answers alone, seen
+   many times over; no teacher), ``sft`` (the teacher's answers to every transfer prompt) and
+   ``logits`` (the teacher's top-k log-probabilities on every transfer prompt, forward KL mixed with
+   CE on its answers).
 4. Every model is scored on held-out prompts: exact match of its greedy answer, eval cross-entropy
    of the gold answer, parameters, and greedy-decoding latency (speedup against the teacher).
 
 The teacher must be clearly better than the students for distillation to help (KD-NOTES: a weak
 teacher made the student worse); the report checks and says so.
+
+Why the distilled students do not also get the ``labelled`` gold answers: the teacher answers those
+same prompts (they are part of the transfer set) and is right on ~99% of held-out prompts, so gold
+answers would change at most a handful of targets; and ``logits`` mode reads only store records with
+top-k log-probabilities, so adding gold rows would give ``sft`` and ``logits`` different data.
 """
 
 from __future__ import annotations
@@ -36,6 +43,9 @@ class LMDemoConfig:
     """Gold-answer examples the teacher trains on (seed 0)."""
     n_transfer: int = 1500
     """Prompts the teacher answers for the students (seed 2)."""
+    labelled: int = 150
+    """Transfer prompts with a gold answer (the first N): all the hard-label student trains on;
+    1 <= labelled <= n_transfer."""
     n_eval: int = 200
     """Held-out prompts for exact match and eval CE (seed 1)."""
     teacher_steps: int = 2000
@@ -54,6 +64,8 @@ class LMDemoConfig:
     """Teacher log-probabilities stored per token."""
     alpha: float = 0.7
     """Weight of the distillation term in ``logits`` mode."""
+    temperature: float = 1.0
+    """Softmax temperature of the distillation term in ``logits`` mode (T² scaling in `distill.train`)."""
     lr_teacher: float = 1e-3
     """Peak learning rate of the teacher."""
     lr_student: float = 3e-3
@@ -63,9 +75,21 @@ class LMDemoConfig:
     seed: int = 0
     """Seed of every model's initialisation and data order."""
 
+    def __post_init__(self) -> None:
+        if not 1 <= int(self.labelled) <= int(self.n_transfer):
+            raise ValueError(
+                f"labelled must be >= 1 and <= n_transfer ({self.n_transfer}), got {self.labelled!r}"
+            )
+
 
 QUICK = dict(
-    n_teacher_train=400, n_transfer=160, n_eval=40, teacher_steps=120, student_steps=40, latency_prompts=5
+    n_teacher_train=400,
+    n_transfer=160,
+    labelled=40,
+    n_eval=40,
+    teacher_steps=120,
+    student_steps=40,
+    latency_prompts=5,
 )
 
 
@@ -216,7 +240,8 @@ def _run(cfg: LMDemoConfig, out: Path, quick: bool, console, progress: bool) -> 
     gen = generate(HFTeacher(tdir, batch_size=32), prompts, out / "store",
                    settings=GenerationSettings(max_new_tokens=24, temperature=0.0, top_logprobs=cfg.top_k),
                    progress=progress, console=console)  # fmt: skip
-    gold = _write_rows(out / "data" / "transfer_gold.jsonl", to_rows(transfer))
+    # Label scarcity: only the first `labelled` transfer prompts have a gold answer.
+    gold = _write_rows(out / "data" / "labelled_gold.jsonl", to_rows(transfer[: cfg.labelled]))
     eval_rows = _write_rows(out / "data" / "eval_gold.jsonl", to_rows(eval_set))
 
     console.print("[bold]3/4[/] students: same initialisation, same steps and batch")
@@ -229,16 +254,19 @@ def _run(cfg: LMDemoConfig, out: Path, quick: bool, console, progress: bool) -> 
     for i, (name, (mode, data)) in enumerate(runs.items()):
         sdir = out / "students" / ["hard", "sft", "logits"][i]
         res = train(TrainConfig(student=str(init), data=str(data), out=str(sdir), mode=mode, alpha=cfg.alpha,
-                                max_steps=cfg.student_steps, batch_size=cfg.batch_size, lr=cfg.lr_student,
-                                warmup_steps=10, seed=cfg.seed, progress=progress), console=console)  # fmt: skip
+                                temperature=cfg.temperature, max_steps=cfg.student_steps,
+                                batch_size=cfg.batch_size, lr=cfg.lr_student, warmup_steps=10, seed=cfg.seed,
+                                progress=progress), console=console)  # fmt: skip
         _stop_if_terminated(res)
-        trained[name] = {"dir": sdir, "tokens": res.tokens, "train_seconds": res.seconds, "mode": mode}
+        trained[name] = {"dir": sdir, "tokens": res.tokens, "train_seconds": res.seconds, "mode": mode,
+                         "examples": cfg.labelled if name == "hard labels" else gen.total}  # fmt: skip
 
     console.print("[bold]4/4[/] evaluation on held-out prompts")
     results = {"teacher": {**_evaluate(tdir, eval_set, eval_rows, cfg), "cached": reused}}
     for name, t in trained.items():
         results[name] = {**_evaluate(t["dir"], eval_set, eval_rows, cfg), "tokens": t["tokens"],
-                         "train_seconds": t["train_seconds"], "mode": t["mode"]}  # fmt: skip
+                         "train_seconds": t["train_seconds"], "mode": t["mode"],
+                         "train_examples": t["examples"]}  # fmt: skip
     teacher = results["teacher"]
     for r in results.values():
         r["quality_retained"] = r["exact_match"] / teacher["exact_match"] if teacher["exact_match"] else None
@@ -249,6 +277,7 @@ def _run(cfg: LMDemoConfig, out: Path, quick: bool, console, progress: bool) -> 
                       and teacher["eval_ce"] < min(r["eval_ce"] for n, r in results.items() if n != "teacher"))  # fmt: skip
     result = {
         "task": "invoice field extraction (distill.tasks), exact match of the greedy answer",
+        "labelled": cfg.labelled,
         "quick": quick,
         "config": asdict(cfg),
         "models": results,
@@ -268,9 +297,9 @@ def _run(cfg: LMDemoConfig, out: Path, quick: bool, console, progress: bool) -> 
 
 
 def _write_reports(out: Path, result: dict[str, Any], console) -> None:
-    headers = ["model", "params", "exact match", "eval CE", "retained", "speedup", "tokens"]
-    rows = [[name, r["params"], r["exact_match"], r["eval_ce"], r["quality_retained"], r["speedup"], r.get("tokens")]
-            for name, r in result["models"].items()]  # fmt: skip
+    headers = ["model", "params", "train examples", "exact match", "eval CE", "retained", "speedup", "tokens"]
+    rows = [[name, r["params"], r.get("train_examples"), r["exact_match"], r["eval_ce"], r["quality_retained"],
+             r["speedup"], r.get("tokens")] for name, r in result["models"].items()]  # fmt: skip
     report.print_table("distill demo --task lm (held-out prompts)", headers, rows, console=console)
     verdict = ("The teacher is clearly better than every student (exact match +5 points or more, lower eval CE): "
                "distillation has something to transfer." if result["teacher_clearly_better"] else
@@ -284,9 +313,11 @@ def _write_reports(out: Path, result: dict[str, Any], console) -> None:
         "distill demo: language-model distillation on invoice field extraction",
         [
             ("", f"{result['task']}. Teacher trained on {cfg['n_teacher_train']} gold answers for "
-                 f"{cfg['teacher_steps']} steps{' (cached)' if t['cached'] else ''}; students trained "
-                 f"{cfg['student_steps']} steps of {cfg['batch_size']} on {cfg['n_transfer']} transfer prompts, "
-                 f"from the same initialisation; evaluated on {cfg['n_eval']} held-out prompts."),
+                 f"{cfg['teacher_steps']} steps{' (cached)' if t['cached'] else ''}. Students trained "
+                 f"{cfg['student_steps']} steps of {cfg['batch_size']} from the same initialisation: hard labels "
+                 f"on the {cfg['labelled']} gold answers only, sft and logits (alpha {cfg['alpha']}, T "
+                 f"{cfg['temperature']}) on the teacher's answers to all {cfg['n_transfer']} transfer prompts; "
+                 f"evaluated on {cfg['n_eval']} held-out prompts."),
             ("Results", (headers, rows)),
             ("", verdict),
             ("", "Eval CE: cross-entropy of the gold answer per token (nats). Quality retained: exact match / "
