@@ -6,27 +6,11 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from distill.classifier import mlp, save_classifier
 from distill.cli import main
 from distill.routing import Router
-
-
-def _fit(model, X, y, steps):
-    # Full-batch Adam: well under a second, enough for a good teacher and a weaker student.
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    x, t = torch.tensor(X), torch.tensor(y)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: extra threads only contend on a shared 2-core machine
-    try:
-        for _ in range(steps):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x), t).backward()
-            opt.step()
-    finally:
-        torch.set_num_threads(threads)
-    return model.eval()
+from training_helpers import fit_full_batch
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +22,8 @@ def digits(tmp_path_factory):
     order = np.random.default_rng(0).permutation(len(X))
     tr, te = order[:1000], order[1000:]
     root = tmp_path_factory.mktemp("digits")
-    save_classifier(_fit(mlp([64, 128, 10], seed=0), X[tr], y[tr], 150), root / "teacher")
-    save_classifier(_fit(mlp([64, 6, 10], seed=1), X[tr], y[tr], 60), root / "student")
+    save_classifier(fit_full_batch(mlp([64, 128, 10], seed=0), X[tr], y[tr], 150), root / "teacher")
+    save_classifier(fit_full_batch(mlp([64, 6, 10], seed=1), X[tr], y[tr], 60), root / "student")
     inputs = root / "inputs.jsonl"
     inputs.write_text(
         "".join(json.dumps({"id": f"t{i}", "x": X[i].tolist(), "label": int(y[i])}) + "\n" for i in te)

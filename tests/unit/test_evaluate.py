@@ -20,22 +20,7 @@ from distill.metrics import (
 )
 from distill.prices import load_prices
 from distill.runners import open_model
-
-
-def _fit(model, X, y, steps):
-    # Full-batch Adam: a few hundred milliseconds, enough for a good teacher and a weaker student.
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    x, t = torch.tensor(X), torch.tensor(y)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: extra threads only contend on a shared 2-core machine
-    try:
-        for _ in range(steps):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x), t).backward()
-            opt.step()
-    finally:
-        torch.set_num_threads(threads)
-    return model.eval()
+from training_helpers import fit_full_batch
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +33,8 @@ def digits_models(tmp_path_factory):
     rng = np.random.default_rng(0)
     order = rng.permutation(len(X))
     tr, te = order[:1200], order[1200:1500]
-    teacher = _fit(mlp([64, 128, 10], seed=0), X[tr], y[tr], steps=150)
-    student = _fit(mlp([64, 8, 10], seed=1), X[tr], y[tr], steps=30)
+    teacher = fit_full_batch(mlp([64, 128, 10], seed=0), X[tr], y[tr], steps=150)
+    student = fit_full_batch(mlp([64, 8, 10], seed=1), X[tr], y[tr], steps=30)
     root = tmp_path_factory.mktemp("digits")
     save_classifier(teacher, root / "teacher")
     save_classifier(student, root / "student")
