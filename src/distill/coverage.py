@@ -12,6 +12,8 @@ means outside; `OODScorer` is a fitted object the router can use as a feature.
 from __future__ import annotations
 
 import json
+import shutil
+import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +24,8 @@ import numpy as np
 from distill.embed import Embedder, Exclusions, cosine_sim, make_embedder
 
 VERDICTS = ("covered", "partly covered", "not covered")
+
+SCORER_FORMAT = "distill.ood_scorer/1"
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,8 @@ class OODScorer:
 
     ``fit(train_texts)`` sets ``embedder_``, ``train_embeddings_`` and ``boundary_`` (the raw distance
     at ``quantile``); ``score(texts)`` returns ``(N,)`` distance / boundary (> 1 = outside).
+    ``save(directory)`` / ``OODScorer.load(directory)`` keep a fitted scorer without pickle, so a
+    server can score requests in the space the router was calibrated in.
     """
 
     def __init__(self, embedder: str = "auto", k: int = 5, quantile: float = 0.99) -> None:
@@ -108,6 +114,103 @@ class OODScorer:
         if not hasattr(self, "boundary_"):
             raise RuntimeError("OODScorer is not fitted; call fit(train_texts) first")
         return self.score_embeddings(self.embedder_.encode(texts))
+
+    # -- persistence (no pickle: JSON and numpy arrays loaded with allow_pickle=False) -----------
+    def save(self, directory: str | Path) -> Path:
+        """Write the fitted scorer to ``directory`` (replaced whole); returns it.
+
+        Files: ``scorer.json`` (format, embedder kind, k, quantile, ``boundary_``, sizes),
+        ``embedder.json`` (the embedder's state: for TF-IDF its parameters and vocabularies, for
+        MiniLM the package version) and ``arrays.npz`` (training embeddings, dense or as CSR parts,
+        and TF-IDF idf weights)."""
+        if not hasattr(self, "boundary_"):
+            raise RuntimeError("OODScorer is not fitted; call fit(train_texts) first")
+        directory = Path(directory)
+        meta, arrays = self.embedder_.get_state()
+        emb = self.train_embeddings_
+        if hasattr(emb, "tocsr"):
+            emb = emb.tocsr()
+            arrays |= {"train_data": emb.data, "train_indices": emb.indices, "train_indptr": emb.indptr}
+            arrays["train_shape"] = np.asarray(emb.shape, dtype=np.int64)
+        else:
+            arrays["train_embeddings"] = np.asarray(emb)
+        info = {
+            "format": SCORER_FORMAT,
+            "embedder": meta["kind"],
+            "k": int(self.k),
+            "quantile": float(self.quantile),
+            "boundary_": float(self.boundary_),
+            "n_train": int(emb.shape[0]),
+            "dim": int(emb.shape[1]),
+        }
+        # Written beside, then swapped in: a reader never sees half a scorer, nor files of an older one.
+        tmp = directory.with_name(f"{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp.mkdir(parents=True)
+        try:
+            (tmp / "scorer.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+            (tmp / "embedder.json").write_text(json.dumps(meta) + "\n", encoding="utf-8")
+            np.savez(tmp / "arrays.npz", **arrays)
+            old = None
+            if directory.exists():
+                old = directory.with_name(f"{directory.name}.old-{uuid.uuid4().hex[:8]}")
+                directory.rename(old)
+            tmp.rename(directory)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> OODScorer:
+        """A fitted scorer from `save`'s directory; scores exactly as the saved one did."""
+        from distill.embed import EMBEDDERS
+
+        directory = Path(directory)
+        files = [directory / n for n in ("scorer.json", "embedder.json", "arrays.npz")]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"OOD scorer {directory}: missing {', '.join(missing)}")
+        try:
+            info = json.loads(files[0].read_text(encoding="utf-8"))
+            meta = json.loads(files[1].read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"OOD scorer {directory}: not valid JSON ({err.msg})") from None
+        if not isinstance(info, dict) or info.get("format") != SCORER_FORMAT:
+            got = info.get("format") if isinstance(info, dict) else None
+            raise ValueError(f"{files[0]}: not an OOD scorer (format {got!r}, expected {SCORER_FORMAT!r})")
+        absent = [k for k in ("embedder", "k", "quantile", "boundary_", "n_train", "dim") if k not in info]
+        if absent:
+            raise ValueError(f"{files[0]}: missing {', '.join(absent)}")
+        kind = info.get("embedder")
+        if not isinstance(meta, dict) or kind not in EMBEDDERS or meta.get("kind") != kind:
+            raise ValueError(f"{files[0]}: unknown embedder {kind!r} (known: {sorted(EMBEDDERS)})")
+        with np.load(files[2], allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+        scorer = cls(embedder=kind, k=info["k"], quantile=info["quantile"])
+        CoverageConfig(embedder=kind, k=scorer.k, quantile=scorer.quantile)  # validates
+        try:
+            scorer.embedder_ = EMBEDDERS[kind].from_state(meta, arrays)
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"OOD scorer {directory}: {err}") from None
+        if "train_embeddings" in arrays:
+            emb = arrays["train_embeddings"]
+        else:
+            from scipy import sparse
+
+            try:
+                parts = (arrays["train_data"], arrays["train_indices"], arrays["train_indptr"])
+                emb = sparse.csr_matrix(parts, shape=tuple(int(x) for x in arrays["train_shape"]))
+            except (KeyError, ValueError) as err:
+                raise ValueError(f"{files[2]}: no usable training embeddings ({err})") from None
+        if emb.shape != (info["n_train"], info["dim"]):
+            raise ValueError(
+                f"OOD scorer {directory}: embeddings of shape {emb.shape}, scorer.json says "
+                f"({info['n_train']}, {info['dim']})"
+            )
+        scorer.train_embeddings_ = emb
+        scorer.boundary_ = float(info["boundary_"])
+        return scorer
 
 
 def _best_kmeans(embeddings, max_k: int):

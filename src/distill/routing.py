@@ -8,8 +8,12 @@ Serving use (no torch, no numpy needed beyond what is imported here)::
 
     router = Router.load("router.json")
     signals = confidence_signals(top_logprobs)        # from the student's own answer
-    signals["ood"] = ood_score                         # optional, when the router was fitted with it
+    signals["ood"] = ood_score                         # when router.cuts_on_ood (see below)
     if router.decide(signals) == "teacher": ...        # forward to the teacher endpoint
+
+A router fitted with an OOD column is saved with its `distill.coverage.OODScorer`
+(``router.save(path, ood_scorer=scorer)`` writes ``router.ood/`` beside ``router.json``);
+``Router.load`` only records where it is (``ood_scorer_path_``), so loading stays model-free.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from typing import Any
 import numpy as np
 
 FORMAT = "distill.router/1"
+
+OOD_SCORER_SUFFIX = ".ood"
+"""`Router.save` puts the OOD scorer of ``router.json`` in the directory ``router.ood``."""
 
 # signal name -> direction: +1 when a larger value means a more confident student, -1 when smaller does.
 SIGNALS: dict[str, int] = {"mean_logprob": +1, "min_logprob": +1, "margin": +1, "entropy": -1}
@@ -256,18 +263,35 @@ class Router:
             to_teacher |= ~(ood <= self.ood_threshold_)
         return to_teacher
 
-    def decide(self, features: Mapping[str, float]) -> str:
-        """``"student"`` or ``"teacher"`` for one request's signals (a dict as from `confidence_signals`)."""
+    @property
+    def cuts_on_ood(self) -> bool:
+        """True when the fitted router sends inputs above a finite ``ood_threshold_`` to the teacher."""
+        self._check_fitted()
+        return bool(self.ood_signal) and math.isfinite(getattr(self, "ood_threshold_", math.inf))
+
+    def confident(self, features: Mapping[str, float]) -> bool:
+        """The confidence half of `decide`: the student's signal is at or above ``threshold_``
+        (a missing or non-finite signal is not confident)."""
         self._check_fitted()
         value = features.get(self.signal)
         if value is None or not math.isfinite(float(value)):
+            return False
+        return SIGNALS[self.signal] * float(value) >= self.threshold_
+
+    def out_of_distribution(self, score: float | None) -> bool:
+        """The OOD half of `decide`: ``score`` is above ``ood_threshold_`` (missing or NaN counts as
+        out); always False for a router without an OOD cut-off."""
+        if not self.cuts_on_ood:
+            return False
+        return score is None or not (float(score) <= self.ood_threshold_)
+
+    def decide(self, features: Mapping[str, float]) -> str:
+        """``"student"`` or ``"teacher"`` for one request's signals (a dict as from `confidence_signals`,
+        plus the ``ood_signal`` score when the router cuts on one)."""
+        if not self.confident(features):
             return "teacher"
-        if SIGNALS[self.signal] * float(value) < self.threshold_:
+        if self.out_of_distribution(features.get(self.ood_signal) if self.ood_signal else None):
             return "teacher"
-        if self.ood_signal and math.isfinite(self.ood_threshold_):
-            ood = features.get(self.ood_signal)
-            if ood is None or not (float(ood) <= self.ood_threshold_):
-                return "teacher"
         return "student"
 
     # -- persistence --------------------------------------------------------------------------
@@ -288,16 +312,29 @@ class Router:
         learned["curve_"] = _thin(self.curve_, self.threshold_)
         return {"format": FORMAT, "params": self.get_params(), "learned": learned}
 
-    def save(self, path: str | Path) -> Path:
-        """Write the fitted router as a small JSON file (infinite thresholds as ``null``)."""
+    def save(self, path: str | Path, *, ood_scorer: Any = None) -> Path:
+        """Write the fitted router as a small JSON file (infinite thresholds as ``null``).
+
+        ``ood_scorer``: the fitted `distill.coverage.OODScorer` behind the ``ood_signal`` column; it
+        is saved beside the file as ``<name>.ood/`` (e.g. ``router.ood/`` next to ``router.json``)
+        and the file records that path relative to itself, so the pair moves together."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(_encode(self.to_dict()), indent=1) + "\n", encoding="utf-8")
+        data = self.to_dict()
+        if ood_scorer is not None:
+            if not self.ood_signal:
+                raise ValueError("ood_scorer given, but this router was fitted without an ood_signal column")
+            scorer_dir = ood_scorer.save(path.with_name(path.stem + OOD_SCORER_SUFFIX))
+            data["ood_scorer"] = scorer_dir.name
+        path.write_text(json.dumps(_encode(data), indent=1) + "\n", encoding="utf-8")
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> Router:
-        """A fitted router from `save`'s JSON."""
+        """A fitted router from `save`'s JSON (numpy and the standard library only: no model, no torch).
+
+        Sets ``ood_scorer_path_``: the absolute path of the saved OOD scorer directory, or ``None``
+        when the file records none (it is not opened here; `distill.coverage.OODScorer.load` does)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no such router file: {path}")
@@ -313,6 +350,10 @@ class Router:
         router._validate_params()
         for k, v in data["learned"].items():
             setattr(router, k, _decode(k, v))
+        scorer = data.get("ood_scorer")
+        if scorer is not None and (not isinstance(scorer, str) or Path(scorer).is_absolute()):
+            raise ValueError(f"{path}: ood_scorer must be a path relative to the router file, got {scorer!r}")
+        router.ood_scorer_path_ = (path.parent / scorer).resolve() if scorer is not None else None
         return router
 
     def __repr__(self) -> str:

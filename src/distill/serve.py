@@ -241,6 +241,11 @@ def build_app(
         gens[:] = routing.trim(gens, k)
         return None
 
+    async def screened(path: str, body: dict, stream: bool, started: float):
+        """With routing: the teacher's response when the request is out of the router's training
+        distribution (decided before the student runs), else None."""
+        return None if routing is None else await routing.screen(path, body, stream, started)
+
     def reply_as_student(reply, started: float):
         return reply if routing is None else routing.student_reply(reply, started)
 
@@ -268,6 +273,8 @@ def build_app(
         k = settings.top_logprobs if body.get("logprobs") is not None else None
         reqs = fan_out(prompts, n, body, lambda rid, p: TeacherRequest(id=rid, prompt=p))
         stops, stream = parse_stop(body), parse_stream(body)
+        if (teacher := await screened("/completions", body, stream[0], started)) is not None:
+            return teacher
         gens = [
             apply_stop(g, stops, backend.token_bytes)
             for g in await _run(batcher, reqs, run_settings(settings))
@@ -291,11 +298,13 @@ def build_app(
         if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
             settings = await _fit_context(backend, reqs[0], settings)
         stops, stream = parse_stop(body), parse_stream(body)
+        path = "/chat/completions"
+        if (teacher := await screened(path, body, stream[0], started)) is not None:
+            return teacher
         gens = [
             apply_stop(g, stops, backend.token_bytes)
             for g in await _run(batcher, reqs, run_settings(settings))
         ]
-        path = "/chat/completions"
         if (teacher := await routed(gens, settings.top_logprobs, path, body, stream[0], started)) is not None:
             return teacher
         choices = [chat_choice(i, g, backend.token_bytes, k) for i, g in enumerate(gens)]

@@ -128,3 +128,59 @@ def test_texts_from_rows_joins_chat_messages():
     rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
     texts, kept, excl = texts_from_rows(rows, None, "f")
     assert texts == ["user: hi\nassistant: yo"] and kept == [0] and excl.total == 0
+
+
+@pytest.mark.parametrize("embedder", ["tfidf", "minilm"])
+def test_saved_scorer_reproduces_scores_exactly(embedder, request, tmp_path):
+    if embedder == "minilm":
+        request.getfixturevalue("minilm_cfg")
+    scorer = OODScorer(embedder=embedder, k=3).fit(_invoices(80, seed=0))
+    queries = _invoices(10, seed=11) + _reviews(5, seed=11) + ["Bonjour, où est la gare ?"]
+    path = scorer.save(tmp_path / "router.ood")
+    scorer.save(path)  # saving again replaces the directory whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["router.ood"]
+    assert sorted(p.name for p in path.iterdir()) == ["arrays.npz", "embedder.json", "scorer.json"]
+    with np.load(path / "arrays.npz", allow_pickle=False) as npz:  # plain arrays: nothing to unpickle
+        assert all(npz[name].dtype != object for name in npz.files)
+    loaded = OODScorer.load(path)
+    assert loaded.embedder_.name == embedder and loaded.boundary_ == scorer.boundary_
+    assert (loaded.k, loaded.quantile) == (3, scorer.quantile)
+    np.testing.assert_array_equal(loaded.score(queries), scorer.score(queries))
+    assert loaded.score(queries)[10:].min() > 1.0  # the reviews and the French line are outside
+
+
+def test_saved_tfidf_scorer_needs_no_training_texts(tmp_path):
+    # The vocabulary and idf come from the files: a scorer fitted on other texts gives other scores.
+    train = _invoices(60, seed=0)
+    path = OODScorer(embedder="tfidf").fit(train).save(tmp_path / "s")
+    other = OODScorer(embedder="tfidf").fit(_invoices(60, seed=1))
+    queries = _invoices(5, seed=2)
+    loaded = OODScorer.load(path)
+    assert not np.array_equal(loaded.score(queries), other.score(queries))
+    vocab = json.loads((path / "embedder.json").read_text())["vectorizers"][0]["terms"]
+    assert "invoice" in vocab and len(vocab) == len(set(vocab))
+
+
+def test_loading_a_broken_scorer_names_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing .*scorer.json"):
+        OODScorer.load(tmp_path / "nowhere")
+    path = OODScorer(embedder="tfidf").fit(_invoices(30, seed=0)).save(tmp_path / "s")
+    info = json.loads((path / "scorer.json").read_text())
+    (path / "scorer.json").write_text(json.dumps({**info, "embedder": "bert"}))
+    with pytest.raises(ValueError, match="unknown embedder 'bert'"):
+        OODScorer.load(path)
+    (path / "scorer.json").write_text(json.dumps({**info, "format": "other"}))
+    with pytest.raises(ValueError, match="not an OOD scorer"):
+        OODScorer.load(path)
+    (path / "scorer.json").write_text(json.dumps(info))
+    np.savez(path / "arrays.npz", idf_0=np.ones(3))
+    with pytest.raises(ValueError, match="terms"):
+        OODScorer.load(path)
+
+
+def test_minilm_scorer_refuses_another_model_version(minilm_cfg, tmp_path):
+    path = OODScorer(embedder="minilm").fit(_invoices(20, seed=0)).save(tmp_path / "s")
+    meta = json.loads((path / "embedder.json").read_text())
+    (path / "embedder.json").write_text(json.dumps({**meta, "version": "0.0.0-other"}))
+    with pytest.raises(ValueError, match="0.0.0-other"):
+        OODScorer.load(path)

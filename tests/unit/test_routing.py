@@ -219,3 +219,78 @@ def test_saved_file_stays_small_on_a_large_calibration_set(tmp_path):
     assert any(p["threshold"] == r.threshold_ for p in loaded.curve_)
     assert loaded.curve_[0]["fraction_to_teacher"] == 1.0 and loaded.curve_[-1]["fraction_to_teacher"] == 0.0
     assert loaded.threshold_ == r.threshold_
+
+
+def _ood_case():
+    # As above: confidently wrong exactly on the far inputs, so the fit needs the OOD cut-off.
+    rng = np.random.default_rng(6)
+    ood = rng.uniform(0, 2, 400)
+    return {
+        "margin": rng.uniform(0.5, 1, 400),
+        "ood": ood,
+        "student_quality": (ood <= 1.6).astype(float),
+        "teacher_quality": np.ones(400),
+    }
+
+
+def test_ood_halves_of_decide_agree_with_decide():
+    r = Router(target=0.99, signal="margin", ood_signal="ood").fit(_ood_case())
+    assert r.cuts_on_ood and 1.0 < r.ood_threshold_ < 1.7
+    assert r.out_of_distribution(r.ood_threshold_ + 1e-6) and not r.out_of_distribution(r.ood_threshold_)
+    assert r.out_of_distribution(None) and r.out_of_distribution(math.nan)  # unknown: the safe side
+    for margin in (0.0, r.threshold_, 1.0):
+        for ood in (0.2, 1.9):
+            expected = r.confident({"margin": margin}) and not r.out_of_distribution(ood)
+            assert r.decide({"margin": margin, "ood": ood}) == ("student" if expected else "teacher")
+    plain = Router(target=0.99, signal="margin").fit(_deterministic_case(n=200))
+    assert not plain.cuts_on_ood and not plain.out_of_distribution(None)
+
+
+def test_router_saved_with_its_scorer_travels_as_a_pair(tmp_path):
+    import shutil
+
+    from distill.coverage import OODScorer
+
+    r = Router(target=0.99, signal="margin", ood_signal="ood").fit(_ood_case())
+    scorer = OODScorer(embedder="tfidf").fit(
+        [f"Invoice {i:04d} from Acme: total {i}.50 EUR" for i in range(30)]
+    )
+    path = r.save(tmp_path / "a" / "my-router.json", ood_scorer=scorer)
+    assert json.loads(path.read_text())["ood_scorer"] == "my-router.ood"  # relative to the file
+    assert (tmp_path / "a" / "my-router.ood" / "scorer.json").is_file()
+    moved = tmp_path / "b"
+    shutil.copytree(tmp_path / "a", moved)
+    shutil.rmtree(tmp_path / "a")
+    loaded = Router.load(moved / "my-router.json")
+    assert loaded.ood_scorer_path_ == (moved / "my-router.ood").resolve()
+    assert loaded.ood_threshold_ == r.ood_threshold_
+    assert Router.load(r.save(tmp_path / "plain.json")).ood_scorer_path_ is None
+    with pytest.raises(ValueError, match="without an ood_signal"):
+        Router(signal="margin").fit(_deterministic_case(n=50)).save(tmp_path / "x.json", ood_scorer=scorer)
+
+
+def test_load_rejects_an_absolute_scorer_path(tmp_path):
+    r = Router(target=0.99, signal="margin", ood_signal="ood").fit(_ood_case())
+    path = r.save(tmp_path / "router.json")
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "ood_scorer": "/etc/elsewhere"}))
+    with pytest.raises(ValueError, match="relative to the router file"):
+        Router.load(path)
+
+
+def test_load_stays_free_of_torch_and_models(tmp_path):
+    import subprocess
+    import sys
+
+    from distill.coverage import OODScorer
+
+    r = Router(target=0.99, signal="margin", ood_signal="ood").fit(_ood_case())
+    scorer = OODScorer(embedder="tfidf").fit(["Invoice 1 from Acme", "Invoice 2 from Initech", "Bill 3"])
+    path = r.save(tmp_path / "router.json", ood_scorer=scorer)
+    code = (
+        "import sys; from distill.routing import Router; r = Router.load(sys.argv[1]); "
+        "assert r.cuts_on_ood and r.ood_scorer_path_.is_dir(); "
+        "bad = [m for m in ('torch', 'sklearn', 'transformers', 'sentence_transformers') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True)

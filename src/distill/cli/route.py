@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from distill.routing import SIGNALS, Router
+from distill.routing import OOD_SCORER_SUFFIX, SIGNALS, Router
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,7 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--signal", default="mean_logprob", choices=sorted(SIGNALS), help="student confidence signal"
     )
     fit.add_argument(
-        "--train", default=None, help="distillation training inputs: adds the coverage OOD score"
+        "--train",
+        default=None,
+        help="distillation training inputs: adds the coverage OOD score (scorer saved beside OUT as OUT-stem.ood/)",
     )
     fit.add_argument("--delta", type=float, default=None, help="keep the target with probability >= 1-delta")
     fit.add_argument("--embedder", default="auto", choices=["auto", "minilm", "tfidf"], help="for --train")
@@ -64,6 +66,11 @@ def run(args: argparse.Namespace) -> int:
     if args.route_command == "show":
         router = Router.load(args.router)
         _print_curve(router, f"{args.router}: signal {router.signal}, threshold {router.threshold_:.4g}")
+        if router.cuts_on_ood:
+            print(
+                f"OOD cut-off: {router.ood_signal} > {router.ood_threshold_:.4g} goes to the teacher "
+                f"(scorer: {router.ood_scorer_path_ or 'none recorded'})"
+            )
         return 0
     from distill.coverage import OODScorer
     from distill.data import read_table
@@ -93,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         router, student, teacher, rows, eval_cfg=cfg, holdout=args.holdout, seed=args.seed,
         ood_scorer=scorer, text_column=args.input_column, prices=prices,
     )  # fmt: skip
-    path = router.save(args.out)
+    path = router.save(args.out, ood_scorer=scorer)  # the scorer goes beside it: OUT.ood/
     report_path = write_json(
         Path(args.out).with_suffix(".report.json"), {**report, "router": router.to_dict()}
     )
@@ -111,5 +118,16 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"excluded {report['excluded']['total']} inputs: {json.dumps(report['excluded']['by_reason'])[:500]}"
         )
-    print(f"wrote {path} and {report_path}")
+    if scorer is not None:
+        cut = (
+            f"inputs scoring above {router.ood_threshold_:.4g} go to the teacher"
+            if router.cuts_on_ood
+            else "no OOD cut-off helped on these inputs"
+        )
+        print(f"OOD scorer ({scorer.embedder_.name}, {len(train_texts)} training inputs): {cut}")
+        print(
+            f"wrote {path}, its OOD scorer {path.with_name(path.stem + OOD_SCORER_SUFFIX)} and {report_path}"
+        )
+    else:
+        print(f"wrote {path} and {report_path}")
     return 0
