@@ -270,3 +270,176 @@ def test_bad_routing_flags_fail_before_the_model_loads(setup, tmp_path, capsys, 
     err = capsys.readouterr().err
     assert code == 2 and needle in err, err
     assert "secret" not in err
+
+
+# -- out-of-distribution cut-off ----------------------------------------------------------------
+
+OOD_TRAIN = [
+    f"Invoice {i:04d} from Acme {['GmbH', 'Ltd', 'Inc'][i % 3]}: total {i * 7 % 300}.{i % 100:02d} EUR, due 2024-{i % 12 + 1:02d}"
+    for i in range(40)
+]
+IN_PROMPT = PROMPTS[1]  # "Invoice 0042 from Acme GmbH: total"
+IN_CHAT = CHAT[0]
+OOD_PROMPT = "¿Dónde está la biblioteca municipal? Responde en español, por favor."
+OOD_CHAT = [{"role": "user", "content": "Schreibe ein kurzes Gedicht über den Herbstwald und den Nebel."}]
+
+
+@pytest.fixture(scope="module")
+def ood_routed(setup, tiny_student_dir):
+    """A student server whose router cuts on the OOD score of a TF-IDF scorer fitted on invoice
+    lines, with a confidence threshold below every answer the student gives (so only the OOD cut
+    can send a request to the teacher); yields (client, base_url, scores, router)."""
+    from distill.coverage import OODScorer
+    from distill.embed import row_text
+
+    scorer = OODScorer(embedder="tfidf").fit(OOD_TRAIN)
+    texts = {
+        "in": row_text({"prompt": IN_PROMPT}, None, "t"),
+        "in_chat": row_text({"messages": IN_CHAT}, None, "t"),
+        "out": row_text({"prompt": OOD_PROMPT}, None, "t"),
+        "out_chat": row_text({"messages": OOD_CHAT}, None, "t"),
+    }
+    scores = dict(zip(texts, scorer.score(list(texts.values())), strict=True))
+    a, b = max(scores["in"], scores["in_chat"]), min(scores["out"], scores["out_chat"])
+    assert b > a + 0.05, scores
+    # Constructed calibration: the student is right on inputs scoring ``a`` and wrong on those scoring
+    # ``b``, all at one low confidence; at target 0.99 the fit must cut between a and b (at its 80th
+    # percentile, a + 0.2 (b - a)) and keep the confidence threshold at that low value.
+    low = min(v for _, v in setup["own"] + setup["own_chat"]) - 1.0
+    router = Router(
+        0.99, "mean_logprob", ood_signal="ood", teacher_cost=TEACHER_COST, student_cost=STUDENT_COST
+    )
+    router.fit(
+        {
+            "mean_logprob": [low] * 10,
+            "ood": [a] * 8 + [b] * 2,
+            "student_quality": [1.0] * 8 + [0.0] * 2,
+            "teacher_quality": [1.0] * 10,
+        }
+    )
+    assert router.threshold_ == low and a < router.ood_threshold_ < b
+    path = router.save(setup["tmp"] / "ood" / "router.json", ood_scorer=scorer)
+    args = ("--router", str(path), "--fallback", setup["teacher_url"], "--fallback-api-key-env", "T_KEY")
+    env = {"T_KEY": TEACHER_KEY, "S_KEY": STUDENT_KEY}
+    log = setup["tmp"] / "ood-student.log"
+    with running_server(tiny_student_dir, api_key_env="S_KEY", env=env, extra_args=args, log_file=log) as url:
+        yield openai.OpenAI(base_url=url, api_key=STUDENT_KEY, max_retries=0), url, scores, router
+
+
+def test_out_of_distribution_requests_go_to_the_teacher_with_reason_ood(setup, ood_routed):
+    client, url, scores, router = ood_routed
+    before = _metrics(url)
+    own = dict(zip(PROMPTS, (t for t, _ in setup["own"]), strict=True))
+    raw = client.completions.with_raw_response.create(
+        model="any", prompt=IN_PROMPT, max_tokens=MAX_TOKENS, temperature=0
+    )
+    assert _route(raw) == "student" and raw.parse().choices[0].text == own[IN_PROMPT]
+    raw = client.chat.completions.with_raw_response.create(
+        model="any", messages=IN_CHAT, max_tokens=MAX_TOKENS, temperature=0
+    )
+    assert _route(raw) == "student" and raw.parse().choices[0].message.content == setup["own_chat"][0][0]
+
+    raw = client.completions.with_raw_response.create(
+        model="any", prompt=OOD_PROMPT, max_tokens=MAX_TOKENS, temperature=0
+    )
+    assert (_route(raw), raw.headers["x-distill-route-reason"]) == ("teacher", "ood")
+    direct = setup["teacher"].completions.create(
+        model="any", prompt=OOD_PROMPT, max_tokens=MAX_TOKENS, temperature=0
+    )
+    assert raw.parse().choices[0].text == direct.choices[0].text
+    raw = client.chat.completions.with_raw_response.create(
+        model="any", messages=OOD_CHAT, max_tokens=MAX_TOKENS, temperature=0
+    )
+    assert (_route(raw), raw.headers["x-distill-route-reason"]) == ("teacher", "ood")
+    # One out-of-distribution prompt among in-distribution ones sends the whole request.
+    raw = client.completions.with_raw_response.create(
+        model="any", prompt=[IN_PROMPT, OOD_PROMPT], max_tokens=MAX_TOKENS, temperature=0
+    )
+    assert _route(raw) == "teacher" and len(raw.parse().choices) == 2
+
+    after = _metrics(url)
+    delta = {k: after[k] - before.get(k, 0.0) for k in after}
+    assert delta['distill_requests_total{route="student"}'] == 2
+    assert delta['distill_requests_total{route="teacher"}'] == 3
+    assert delta['distill_teacher_requests_total{reason="ood"}'] == 3
+    assert delta['distill_teacher_requests_total{reason="confidence"}'] == 0
+    assert delta["distill_ood_score_seconds_count"] == 5 and delta["distill_ood_score_seconds_sum"] > 0
+    n_student = after['distill_requests_total{route="student"}']
+    n_ran = (
+        n_student + after['distill_teacher_requests_total{reason="confidence"}']
+    )  # OOD ones skip the student
+    saved = (n_student * TEACHER_COST - n_ran * STUDENT_COST) / 1e6
+    assert after["distill_estimated_cost_saved"] == pytest.approx(saved, rel=1e-6)
+
+
+def test_server_scores_the_text_route_fit_calibrated_on():
+    from distill.embed import row_text
+    from distill.serve_router import request_texts
+
+    rows = [{"prompt": IN_PROMPT}, {"messages": IN_CHAT + [{"role": "assistant", "content": "ok"}]}]
+    body_chat = {"messages": rows[1]["messages"], "model": "x"}
+    assert request_texts("/chat/completions", body_chat) == [row_text(rows[1], None, "r")]
+    assert request_texts("/completions", {"prompt": IN_PROMPT}) == [row_text(rows[0], None, "r")]
+    assert request_texts("/completions", {"prompt": [IN_PROMPT, OOD_PROMPT]}) == [IN_PROMPT, OOD_PROMPT]
+    parts = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    assert request_texts("/chat/completions", {"messages": parts}) == [
+        row_text({"messages": parts}, None, "r")
+    ]
+
+
+def test_router_with_ood_cut_but_no_scorer_fails_at_start_naming_the_path(tmp_path, capsys):
+    import shutil
+
+    from distill.coverage import OODScorer
+
+    router = Router(0.99, "mean_logprob", ood_signal="ood").fit(
+        {
+            "mean_logprob": [-1.0] * 10,
+            "ood": [0.5] * 8 + [3.0] * 2,
+            "student_quality": [1.0] * 8 + [0.0] * 2,
+            "teacher_quality": [1.0] * 10,
+        }
+    )
+    assert router.cuts_on_ood
+    path = router.save(tmp_path / "router.json", ood_scorer=OODScorer(embedder="tfidf").fit(OOD_TRAIN))
+    shutil.rmtree(tmp_path / "router.ood")  # the router copied without its scorer directory
+    # The model directory does not exist either: the scorer error must come first.
+    argv = ["serve", str(tmp_path / "no-model"), "--router", str(path), "--fallback", "http://127.0.0.1:9/v1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert str((tmp_path / "router.ood").resolve()) in err and "missing" in err, err
+    data = json.loads(path.read_text())
+    del data["ood_scorer"]
+    path.write_text(json.dumps(data))
+    assert main(argv) == 2
+    assert "records no OOD scorer" in capsys.readouterr().err
+
+
+def test_route_fit_saves_the_scorer_the_server_then_scores_with(tiny_lm_dir, tiny_student_dir, tmp_path):
+    """`route fit --train` writes router.ood/ beside the router; the server's scorer, loaded from it,
+    gives exactly the OOD scores the router was calibrated on."""
+    from distill.coverage import OODScorer
+    from distill.embed import row_text
+    from distill.serve_router import RoutingPolicy, load_router
+
+    rows = [{"id": f"p{i}", "prompt": PROMPTS[i]} for i in range(6)]
+    rows += [{"id": "c0", "messages": IN_CHAT}, {"id": "o0", "prompt": OOD_PROMPT}]
+    rows += [{"id": "o1", "messages": OOD_CHAT}]
+    inputs, train = tmp_path / "in.jsonl", tmp_path / "train.jsonl"
+    inputs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in OOD_TRAIN))
+    out = tmp_path / "fit" / "router.json"
+    argv = ["route", "fit", "--student", str(tiny_student_dir), "--teacher", str(tiny_lm_dir)]
+    argv += ["--inputs", str(inputs), "--out", str(out), "--train", str(train), "--embedder", "tfidf"]
+    argv += ["--max-new-tokens", "2", "--metric", "token_f1", "--holdout", "0.25"]
+    assert main(argv) == 0
+    assert (tmp_path / "fit" / "router.ood" / "arrays.npz").is_file()
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report["n_answered"] == len(rows)
+    router = load_router(out)
+    assert router.ood_scorer_path_ == (tmp_path / "fit" / "router.ood").resolve()
+    texts = [row_text(r, None, "row") for r in rows]
+    assert OODScorer.load(router.ood_scorer_path_).score(texts).tolist() == report["features"]["ood"]
+    if router.cuts_on_ood:  # depends on the random tiny models' answers
+        policy = RoutingPolicy(router, "http://127.0.0.1:9/v1")
+        assert policy.ood_scorer.score(texts).tolist() == report["features"]["ood"]
