@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -231,19 +231,21 @@ def train(cfg: TrainConfig, *, accelerator=None, console=None) -> TrainResult:
     picks up the processes).
     """
     from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
     from rich.console import Console
 
+    from distill.trackers import PROJECT, check_trackers, logging_dir, tracker_env
     from distill.vocab import check_store_tokenizer, shared_vocab_size
 
     t_start = time.perf_counter()
     out = Path(cfg.out)
-    _check_trackers(cfg.log_with)
+    check_trackers(cfg.log_with)
     accelerator = accelerator or Accelerator(
         # Without a GPU, cpu=True lets processes started by `accelerate launch`/torchrun join a gloo group.
         cpu=not torch.cuda.is_available(),
         mixed_precision=cfg.mixed_precision,
         log_with=list(cfg.log_with) or None,
-        project_dir=str(out),
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(logging_dir(out))),
     )
     console = console or Console(stderr=True)
     main = accelerator.is_main_process
@@ -324,9 +326,12 @@ def train(cfg: TrainConfig, *, accelerator=None, console=None) -> TrainResult:
     else:
         torch.manual_seed(cfg.seed + rank)  # on-policy sampling differs per process, repeatably
 
-    if cfg.log_with:
-        accelerator.init_trackers("distill", config={k: str(v) for k, v in cfg.to_dict().items()})
     out.mkdir(parents=True, exist_ok=True)
+    tracking = ExitStack()  # trackers end (and their environment is restored) however the loop ends
+    if cfg.log_with:
+        tracking.enter_context(tracker_env(cfg.log_with, out))
+        accelerator.init_trackers(PROJECT, config={k: str(v) for k, v in cfg.to_dict().items()})
+        tracking.callback(accelerator.end_training)
     log_path = out / "metrics.jsonl"
     stop = {"sigterm": False}
     old_handler = None
@@ -362,7 +367,7 @@ def train(cfg: TrainConfig, *, accelerator=None, console=None) -> TrainResult:
     progress = _progress(console, enabled=main and cfg.progress)
     task = progress.add_task("train", total=cfg.max_steps, completed=step, loss=float("nan"), tps=0.0)
     loss_value, stopped, t_loop, tokens_run = float("nan"), "max_steps", time.perf_counter(), 0
-    with progress, open(log_path, "a", encoding="utf-8") if main else nullcontext() as log:
+    with tracking, progress, open(log_path, "a", encoding="utf-8") if main else nullcontext() as log:
         while step < cfg.max_steps:
             idx = order.step(step, global_batch)[rank * per_rank : (rank + 1) * per_rank]
             micro = [
@@ -429,8 +434,6 @@ def train(cfg: TrainConfig, *, accelerator=None, console=None) -> TrainResult:
     if stopped == "max_steps":
         save_checkpoint(step)
         _save_model(cfg, accelerator, model, tok, out)
-    if cfg.log_with:
-        accelerator.end_training()
     return TrainResult(
         out=out,
         steps=step,
@@ -443,16 +446,6 @@ def train(cfg: TrainConfig, *, accelerator=None, console=None) -> TrainResult:
         changed_on_resume=changed,
         history=history,
     )
-
-
-def _check_trackers(names) -> None:
-    # accelerate drops an unavailable tracker with a log line; asking for one is an error here instead.
-    import importlib.util
-
-    modules = {"tensorboard": ("tensorboard", "tensorboardX"), "comet_ml": ("comet_ml",)}
-    for name in names:
-        if not any(importlib.util.find_spec(m) for m in modules.get(name, (name,))):
-            raise ValueError(f"--log-with {name}: the {name!r} package is not installed (pip install {name})")
 
 
 def _save_model(cfg: TrainConfig, accelerator, model, tok, out: Path) -> None:
