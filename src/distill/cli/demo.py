@@ -22,7 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "lm: default 150 of the 1500 transfer prompts (--quick: 40 of 160)",
     )
     parser.add_argument(
-        "--seeds", type=int, default=3, help="digits: student seeds, mean and spread shown (default 3)"
+        "--seeds",
+        type=int,
+        default=None,
+        help="student seeds (initialisation and data order), mean ± std shown; digits: default 3, "
+        "lm: default 2 (--quick: 1)",
     )
     parser.add_argument(
         "--temperatures",
@@ -55,8 +59,13 @@ def run(args: argparse.Namespace) -> int:
                 "--task lm is not available yet: distill.demos.lm is not part of this build"
             ) from None
         out = args.out or "runs/demo-lm"
-        labelled = {} if args.labelled is None else {"labelled": args.labelled}
-        lm.run(out=out, quick=args.quick, progress=args.progress, **labelled)
+        given = {"labelled": args.labelled, "seeds": args.seeds}
+        lm.run(
+            out=out,
+            quick=args.quick,
+            progress=args.progress,
+            **{k: v for k, v in given.items() if v is not None},
+        )
         print(f"wrote {out}/report.json, report.md and plot.png")
         return 0
     from distill.demos.digits import run_digits_demo
@@ -66,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         out,
         quick=args.quick,
         labelled=200 if args.labelled is None else args.labelled,
-        seeds=args.seeds,
+        seeds=3 if args.seeds is None else args.seeds,
         temperatures=args.temperatures,
         alpha=args.alpha,
         calibrate=args.calibrate,
