@@ -52,8 +52,7 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=1, sort_keys=True), encoding="utf-8")
 
 
-def _optimizer_to_files(optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = optimizer.state_dict()
+def _optimizer_to_files(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for idx, st in sd["state"].items():
@@ -65,14 +64,14 @@ def _optimizer_to_files(optimizer) -> tuple[dict[str, torch.Tensor], dict[str, A
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _optimizer_from_files(optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for key, v in tensors.items():
         _, idx, name = key.split(".", 2)
         state.setdefault(int(idx), {})[name] = v
     for idx, st in meta.get("scalars", {}).items():
         state.setdefault(int(idx), {}).update(st)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def step_dirs(root: str | Path) -> list[tuple[int, Path]]:
@@ -125,14 +124,16 @@ def save(
     step: int,
     *,
     params: dict[str, torch.Tensor],
-    optimizer,
+    optimizer: dict[str, Any],
     rng: dict[str, torch.Tensor],
     trainer_state: dict[str, Any],
     keep: int = 3,
 ) -> Path:
     """Write checkpoint ``step`` atomically under ``root`` and keep only the newest ``keep``; returns its path.
 
-    ``params``: name -> tensor of the trainable parameters; ``rng``: name -> uint8 RNG state tensors.
+    ``params``: name -> whole tensor of each trainable parameter; ``optimizer``: the optimizer state in
+    `torch.optim.Optimizer.state_dict` form (keyed by parameter index); ``rng``: name -> uint8 RNG
+    state tensors.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -173,31 +174,33 @@ def save(
     return final
 
 
-def load(path: str | Path, *, params: dict[str, torch.nn.Parameter], optimizer) -> tuple[dict, dict]:
-    """Restore ``params`` (in place) and ``optimizer`` from checkpoint ``path``.
+def read(path: str | Path, *, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """Read checkpoint ``path`` after checking it is complete and fits a model with these trainable ``shapes``.
 
-    Returns ``(trainer_state, rng)``. Raises ``ValueError`` when the checkpoint's parameters do not
-    match the model's (another model or another LoRA setting). Only safetensors and JSON are read.
+    Returns ``{"params", "optimizer", "trainer_state", "rng"}``: whole parameter tensors by name, the
+    optimizer state keyed by parameter index, the trainer state, the RNG tensors. Raises ``ValueError``
+    when the checkpoint's parameters do not match (another model or another LoRA setting). Only
+    safetensors and JSON are read: no pickle.
     """
     path = Path(path)
     why = verify(path)
     if why is not None:
         raise ValueError(f"checkpoint {path} is not usable: {why}")
     saved = load_file(path / "model.safetensors")
-    if set(saved) != set(params):
-        extra, missing = sorted(set(saved) - set(params)), sorted(set(params) - set(saved))
+    if set(saved) != set(shapes):
+        extra, missing = sorted(set(saved) - set(shapes)), sorted(set(shapes) - set(saved))
         raise ValueError(
             f"checkpoint {path} does not match the model: {len(missing)} parameters missing "
             f"(e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]})"
         )
-    with torch.no_grad():
-        for name, p in params.items():
-            if tuple(saved[name].shape) != tuple(p.shape):
-                raise ValueError(
-                    f"checkpoint {path}: {name} has shape {tuple(saved[name].shape)}, model {tuple(p.shape)}"
-                )
-            p.copy_(saved[name].to(p.dtype))
+    for name, shape in shapes.items():
+        if tuple(saved[name].shape) != tuple(shape):
+            raise ValueError(f"checkpoint {path}: {name} has shape {tuple(saved[name].shape)}, model {shape}")
     meta = json.loads((path / "optimizer.json").read_text(encoding="utf-8"))
-    _optimizer_from_files(optimizer, load_file(path / "optimizer.safetensors"), meta)
     state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-    return state, load_file(path / "rng.safetensors")
+    return {
+        "params": saved,
+        "optimizer": _optimizer_from_files(load_file(path / "optimizer.safetensors"), meta),
+        "trainer_state": state,
+        "rng": load_file(path / "rng.safetensors"),
+    }

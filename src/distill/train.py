@@ -135,8 +135,11 @@ def _apply_lora(cfg: TrainConfig, model):
 
 
 @torch.no_grad()
-def _student_samples(cfg, model, examples, tok) -> list[dict]:
-    """The student continues each example's prompt; returns examples whose completion is its sample."""
+def _student_samples(cfg, model, examples, tok, *, synced: bool = False) -> list[dict]:
+    """The student continues each example's prompt; returns examples whose completion is its sample.
+
+    ``synced``: every process runs as many forward passes as the slowest (a sharded model's forward is
+    a collective, so a process that stops early would leave the others waiting)."""
     prompts = collate_prompts(examples, tok.pad_token_id)
     was_training = model.training
     model.eval()
@@ -149,6 +152,7 @@ def _student_samples(cfg, model, examples, tok) -> list[dict]:
         max_new_tokens=cfg.max_new_tokens,
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,
+        synced_gpus=synced,
     ).cpu()
     model.train(was_training)
     width = prompts["input_ids"].shape[1]
@@ -231,15 +235,18 @@ def train(cfg: TrainConfig, *, accelerator=None, console=None) -> TrainResult:
     picks up the processes).
     """
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DistributedType, ProjectConfiguration
     from rich.console import Console
 
+    from distill.distributed import check_launch, check_requested, gather_train_state, load_train_state
     from distill.trackers import PROJECT, check_trackers, logging_dir, tracker_env
     from distill.vocab import check_store_tokenizer, shared_vocab_size
 
     t_start = time.perf_counter()
     out = Path(cfg.out)
     check_trackers(cfg.log_with)
+    if accelerator is None:
+        check_requested()
     accelerator = accelerator or Accelerator(
         # Without a GPU, cpu=True lets processes started by `accelerate launch`/torchrun join a gloo group.
         cpu=not torch.cuda.is_available(),
@@ -247,6 +254,7 @@ def train(cfg: TrainConfig, *, accelerator=None, console=None) -> TrainResult:
         log_with=list(cfg.log_with) or None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(logging_dir(out))),
     )
+    check_launch(accelerator, lora=bool(cfg.lora_r))  # before any model is loaded
     console = console or Console(stderr=True)
     main = accelerator.is_main_process
     say = console.print if main else (lambda *a, **k: None)
@@ -292,8 +300,11 @@ def train(cfg: TrainConfig, *, accelerator=None, console=None) -> TrainResult:
         student = _apply_lora(cfg, student)
     student.train()
     trainable = {n: p for n, p in student.named_parameters() if p.requires_grad}
+    # Names and whole shapes before `prepare` (FSDP replaces parameters with shards): checkpoints use them.
+    names, shapes = list(trainable), {n: tuple(p.shape) for n, p in trainable.items()}
     optimizer = torch.optim.AdamW(trainable.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     model, optimizer = accelerator.prepare(student, optimizer)
+    del trainable  # under FSDP these are no longer the parameters being trained
 
     world, rank = accelerator.num_processes, accelerator.process_index
     per_rank = cfg.batch_size * cfg.grad_accum
@@ -310,7 +321,10 @@ def train(cfg: TrainConfig, *, accelerator=None, console=None) -> TrainResult:
         if path is None:
             say(f"[yellow]resume[/]: no complete checkpoint under {ckpt_root}; starting from step 0")
         else:
-            state, rng = ckpt.load(path, params=trainable, optimizer=optimizer)
+            loaded = ckpt.read(path, shapes=shapes)
+            # Whole tensors in, sharded where the model is sharded: resume is exact under FSDP too.
+            load_train_state(model, _inner(optimizer), names, loaded["params"], loaded["optimizer"])
+            state, rng = loaded["trainer_state"], loaded["rng"]
             step, tokens_seen, resumed_from = int(state["step"]), int(state["tokens"]), str(path)
             changed = {k: v for k, v in cfg.changed_fields(state["config"]).items() if k != "resume"}
             for k, (old, new) in changed.items():
@@ -342,8 +356,9 @@ def train(cfg: TrainConfig, *, accelerator=None, console=None) -> TrainResult:
 
     def save_checkpoint(at: int) -> None:
         rng = _rng_state(accelerator)
+        # A collective: under FSDP every process hands its shards to rank 0.
+        params, optim_state = gather_train_state(model, _inner(optimizer), names)
         if main:
-            params = {n: p for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
             state = {
                 "step": at,
                 "tokens": tokens_seen,
@@ -356,7 +371,7 @@ def train(cfg: TrainConfig, *, accelerator=None, console=None) -> TrainResult:
                 ckpt_root,
                 at,
                 params=params,
-                optimizer=optimizer,
+                optimizer=optim_state,
                 rng=rng,
                 trainer_state=state,
                 keep=cfg.keep_checkpoints,
@@ -378,7 +393,11 @@ def train(cfg: TrainConfig, *, accelerator=None, console=None) -> TrainResult:
             g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
             on_policy = cfg.mode == "on-policy" and float(torch.rand((), generator=g)) < cfg.lmbda
             if on_policy:
-                micro = [_student_samples(cfg, accelerator.unwrap_model(model), mb, tok) for mb in micro]
+                synced = world > 1 and accelerator.distributed_type == DistributedType.FSDP
+                micro = [
+                    _student_samples(cfg, accelerator.unwrap_model(model), mb, tok, synced=synced)
+                    for mb in micro
+                ]
             batches = [collate(mb, tok.pad_token_id) for mb in micro]
             total, parts_sum, n_total = accumulate_gradients(
                 cfg, accelerator, model, teacher, batches, stats=stats, on_policy=on_policy, n_vocab=n_vocab
@@ -451,13 +470,22 @@ def train(cfg: TrainConfig, *, accelerator=None, console=None) -> TrainResult:
 def _save_model(cfg: TrainConfig, accelerator, model, tok, out: Path) -> None:
     """The student as ``save_pretrained`` writes it (safetensors) with its tokenizer; LoRA merged on request."""
     accelerator.wait_for_everyone()
+    # Every process takes part: under FSDP this gathers the whole weights onto the main process.
+    from distill.distributed import full_model_state
+
+    state = full_model_state(model)
     if not accelerator.is_main_process:
         return
     m = accelerator.unwrap_model(model)
     if cfg.lora_r and cfg.merge_lora:
-        m = m.merge_and_unload()
-    m.save_pretrained(out, safe_serialization=True)
+        m, state = m.merge_and_unload(), None  # merged weights: the model's own state dict
+    m.save_pretrained(out, state_dict=state, safe_serialization=True)
     tok.save_pretrained(out)
+
+
+def _inner(optimizer):
+    # accelerate's optimizer wrapper; torch.distributed.checkpoint wants the optimizer it wraps.
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def _progress(console, *, enabled: bool):
