@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from distill.embed import Embedder, Exclusions, cosine_sim, make_embedder
+from distill.embed import Embedder, Exclusions, make_embedder
 
 VERDICTS = ("covered", "partly covered", "not covered")
 
@@ -65,15 +65,27 @@ class CoverageConfig:
             )
 
 
-def _knn_distance(queries, refs, k: int, exclude_self: bool = False, chunk: int = 512) -> np.ndarray:
-    """``(N,)`` mean cosine distance of each query row to its ``k`` nearest ``refs`` rows."""
+def _transposed(refs):
+    """``refs.T`` ready for products: for sparse rows a CSR copy, since multiplying by ``refs.T`` (a
+    CSC view) is ~8x slower (TF-IDF, 10k training inputs: 37 ms against 4 ms per query)."""
+    return refs.T.tocsr() if hasattr(refs, "tocsr") else refs.T
+
+
+def _knn_distance(
+    queries, refs, k: int, exclude_self: bool = False, chunk: int = 512, refs_t=None
+) -> np.ndarray:
+    """``(N,)`` mean cosine distance of each query row to its ``k`` nearest ``refs`` rows.
+
+    ``refs_t``: `_transposed` ``refs``, when the caller keeps one (a scorer does)."""
     n = queries.shape[0]
     out = np.empty(n, dtype=np.float64)
     k_eff = min(k, refs.shape[0] - (1 if exclude_self else 0))
     if k_eff < 1:
         raise ValueError(f"need at least {2 if exclude_self else 1} training inputs, got {refs.shape[0]}")
+    refs_t = _transposed(refs) if refs_t is None else refs_t
     for start in range(0, n, chunk):  # chunks bound memory at chunk x len(refs) floats
-        sims = cosine_sim(queries[start : start + chunk], refs)
+        sims = queries[start : start + chunk] @ refs_t  # unit-norm rows: dot product = cosine
+        sims = np.asarray(sims.toarray() if hasattr(sims, "toarray") else sims, dtype=np.float32)
         if exclude_self:
             rows = np.arange(sims.shape[0])
             sims[rows, rows + start] = -np.inf
@@ -102,13 +114,22 @@ class OODScorer:
             raise ValueError(f"need at least 2 training inputs, got {len(train_texts)}")
         self.embedder_: Embedder = make_embedder(self.embedder).fit(train_texts)
         self.train_embeddings_ = self.embedder_.encode(train_texts)
-        own = _knn_distance(self.train_embeddings_, self.train_embeddings_, self.k, exclude_self=True)
+        self._train_t = _transposed(self.train_embeddings_)
+        own = _knn_distance(
+            self.train_embeddings_, self.train_embeddings_, self.k, exclude_self=True, refs_t=self._train_t
+        )
         # A floor keeps the score finite when the training set is all duplicates.
         self.boundary_ = max(float(np.quantile(own, self.quantile)), 1e-6)
         return self
 
     def score_embeddings(self, embeddings) -> np.ndarray:
-        return _knn_distance(embeddings, self.train_embeddings_, self.k) / self.boundary_
+        if (
+            getattr(self, "_train_t", None) is None
+        ):  # kept: transposing per request would cost more than scoring
+            self._train_t = _transposed(self.train_embeddings_)
+        return (
+            _knn_distance(embeddings, self.train_embeddings_, self.k, refs_t=self._train_t) / self.boundary_
+        )
 
     def score(self, texts: Sequence[str]) -> np.ndarray:
         if not hasattr(self, "boundary_"):
