@@ -165,6 +165,20 @@ def test_fsdp2_two_processes_match_one_process_and_resume_exactly(tmp_path, tiny
     for k in fsdp:
         assert torch.equal(resumed[k], fsdp[k]), k
 
+    # The same checkpoint resumes in one process (whole tensors, index-keyed optimizer state).
+    shutil.copytree(
+        tmp_path / "fsdp" / "checkpoints" / "step-00000002",
+        tmp_path / "one_resumed" / "checkpoints" / "step-00000002",
+    )
+    flags[-1] = str(tmp_path / "one_resumed")
+    one_resumed = subprocess.run([sys.executable, "-m", "distill", "train", *flags, "--resume"], env=_env(),
+                                 capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert one_resumed.returncode == 0, one_resumed.stderr[-3000:]
+    assert "processes changed 2 -> 1" in one_resumed.stderr
+    back = load_file(tmp_path / "one_resumed" / "model.safetensors")
+    for k in fsdp:
+        torch.testing.assert_close(back[k], fsdp[k], rtol=0, atol=1e-5, msg=k)
+
     # The saved model is an ordinary transformers model.
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp")
     sd = model.state_dict()
