@@ -93,7 +93,8 @@ class TrainConfig:
     mixed_precision: str = "no"
     """``no``, ``bf16`` or ``fp16``, passed to `accelerate` (bf16 only where the device supports it)."""
     log_with: tuple[str, ...] = ()
-    """Extra trackers through `accelerate` (``tensorboard``, ``mlflow``, ...); metrics.jsonl is always written."""
+    """Extra trackers through `accelerate` (``tensorboard``: OUT/trackers; ``mlflow``: ``MLFLOW_TRACKING_URI``
+    or OUT/mlruns; ``wandb``, ...); each needs its package. metrics.jsonl is always written."""
     log_every: int = 1
     """Write a metrics line every N optimizer steps; >= 1."""
     progress: bool = True

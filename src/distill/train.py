@@ -13,7 +13,8 @@ Three modes (``cfg.mode``):
 Normalisation is the loop's job: every micro-batch's loss is a *sum* over its tokens divided by the
 number of counted tokens in the whole accumulated batch across all processes, so G accumulated
 micro-batches on P processes give the gradient of the same examples in one batch.
-Multi-process runs go through `accelerate` (``accelerate launch -m distill train ...``).
+Multi-process runs go through `accelerate` (``accelerate launch -m distill train ...``): DDP and FSDP;
+`distill.distributed` refuses the setups this loop would get wrong (DeepSpeed, FSDP requested on CPU).
 """
 
 from __future__ import annotations
