@@ -9,7 +9,9 @@ Two embedders, both with ``fit(texts) -> self`` and ``encode(texts) -> (N, D)`` 
 - `TfidfEmbedder`: scikit-learn TF-IDF over word and character n-grams, fitted on the texts given
   to ``fit``; sparse rows. Always available.
 
-``make_embedder("auto")`` picks MiniLM when its package is installed, TF-IDF otherwise.
+``make_embedder("auto")`` picks MiniLM when its package is installed, TF-IDF otherwise. A fitted
+embedder's ``get_state() -> (meta, arrays)`` is plain JSON and numpy data, and
+``EMBEDDERS[meta["kind"]].from_state(meta, arrays)`` rebuilds it (how `OODScorer.save` avoids pickle).
 """
 
 from __future__ import annotations
