@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import threading
 import time
 from collections.abc import Sequence
@@ -249,7 +250,11 @@ class RoutingPolicy:
         if self.ood_scorer is None:
             return None
         texts = request_texts(path, body)
-        scores = await asyncio.to_thread(self._score, texts)
+        try:
+            scores = await asyncio.to_thread(self._score, texts)
+        except Exception:  # no score is an unknown score: the safe side is the teacher
+            log.exception("OOD scoring failed; sending the request to the teacher")
+            scores = [math.nan]
         if any(self.router.out_of_distribution(float(s)) for s in scores):
             return await self.forward(path, body, stream, started, reason="ood")
         return None

@@ -443,3 +443,37 @@ def test_route_fit_saves_the_scorer_the_server_then_scores_with(tiny_lm_dir, tin
     if router.cuts_on_ood:  # depends on the random tiny models' answers
         policy = RoutingPolicy(router, "http://127.0.0.1:9/v1")
         assert policy.ood_scorer.score(texts).tolist() == report["features"]["ood"]
+
+
+def test_a_request_that_cannot_be_scored_goes_to_the_teacher(tmp_path):
+    """Scoring that fails (here: training embeddings of the wrong width, a real scipy error) counts
+    as out of distribution: the teacher is asked (a dead port here: a counted 502), never the student."""
+    import asyncio
+
+    from distill.coverage import OODScorer
+    from distill.serve_router import REASON_HEADER, RoutingPolicy
+
+    router = Router(0.99, "mean_logprob", ood_signal="ood").fit(
+        {
+            "mean_logprob": [-1.0] * 10,
+            "ood": [0.5] * 8 + [3.0] * 2,
+            "student_quality": [1.0] * 8 + [0.0] * 2,
+            "teacher_quality": [1.0] * 10,
+        }
+    )
+    scorer = OODScorer(embedder="tfidf").fit(OOD_TRAIN)
+    policy = RoutingPolicy(router, f"http://127.0.0.1:{free_port()}/v1", ood_scorer=scorer)
+    body = {"model": "x", "prompt": IN_PROMPT}
+
+    async def twice():
+        before = await policy.screen("/completions", body, False, 0.0)
+        scorer.train_embeddings_, scorer._train_t = scorer.train_embeddings_[:, :5], None
+        after = await policy.screen("/completions", body, False, 0.0)
+        await policy.aclose()
+        return before, after
+
+    before, response = asyncio.run(twice())
+    assert before is None  # in distribution: the student would run
+    assert response.status_code == 502 and response.headers[REASON_HEADER] == "ood"
+    assert policy.metrics.teacher_reasons == {"confidence": 0, "ood": 1}
+    assert policy.metrics.ood_scored == 1  # the failed call is not timed as a scoring
