@@ -100,6 +100,13 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
+        if routing.ood_scorer is not None:
+            print(
+                f"distill serve: requests scoring above {r.ood_threshold_:.4g} on the OOD scorer "
+                f"{r.ood_scorer_path_} go to the teacher before the student runs",
+                file=sys.stderr,
+                flush=True,
+            )
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 
