@@ -11,6 +11,13 @@ connection closes), ``drop`` (the connection closes with no answer), ``malformed
 answer cut in half, status 200). Other requests are forwarded unchanged. ``force_status`` answers
 every request with that status instead (e.g. 400) to test that such errors are not retried.
 Only paths starting with one of ``paths`` get faults. Runs in its own threads (a real server).
+
+TLS mode: ``server_tls=ssl_context`` makes it an HTTPS endpoint (``proxy.url`` = "https://...")
+that terminates TLS and forwards plain HTTP to the upstream; `make_test_pki` writes a throwaway CA
+and a server certificate for 127.0.0.1/localhost. ``proxy.connections`` counts accepted TCP
+connections (keep-alive reuse shows as fewer connections than requests), ``proxy.tls_failures``
+handshakes that failed (e.g. the client did not trust the certificate). ``idle_close=S`` closes a
+kept-alive connection after S seconds without a request, as servers' keep-alive timeouts do.
 """
 
 from __future__ import annotations
@@ -18,10 +25,13 @@ from __future__ import annotations
 import http.client
 import json
 import random
+import ssl
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import urlsplit
 
 KINDS = ("429", "500", "timeout", "drop", "malformed")
@@ -29,6 +39,120 @@ KINDS = ("429", "500", "timeout", "drop", "malformed")
 
 class _Server(ThreadingHTTPServer):
     request_queue_size = 256  # listen backlog: the default 5 resets bursts of concurrent connections
+
+    def __init__(self, address, handler, proxy: FaultProxy) -> None:
+        super().__init__(address, handler)
+        self.proxy = proxy
+
+    def get_request(self):
+        sock, addr = super().get_request()
+        with self.proxy._lock:
+            self.proxy.connections += 1
+        if self.proxy.server_tls is not None:
+            # The handshake runs in the handler's thread (Handler.setup), not in this accept loop.
+            sock = self.proxy.server_tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, addr
+
+
+@dataclass(frozen=True)
+class PKIFiles:
+    """Paths of PEM files written by `make_test_pki`."""
+
+    ca_cert: Path
+    """The CA certificate: what a client must trust."""
+    server_cert: Path
+    """The server's certificate, signed by the CA, for 127.0.0.1, ::1 and localhost."""
+    server_key: Path
+    """The server certificate's private key (unencrypted)."""
+
+    def server_context(self) -> ssl.SSLContext:
+        """A server-side context presenting the certificate."""
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(self.server_cert, self.server_key)
+        return ctx
+
+
+def make_test_pki(directory: str | Path, *, name: str = "distill test CA") -> PKIFiles:
+    """Write a fresh self-signed CA and a CA-signed server certificate under ``directory``.
+
+    Keys are EC P-256 (fast to make); certificates are valid from one hour ago for one day. Uses the
+    ``cryptography`` package (a dev dependency)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    start, end = now - datetime.timedelta(hours=1), now + datetime.timedelta(days=1)
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    sans = [
+        x509.DNSName("localhost"),
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        x509.IPAddress(ipaddress.ip_address("::1")),
+    ]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    pki = PKIFiles(out / "ca.pem", out / "server.pem", out / "server-key.pem")
+    pki.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    pki.server_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pki.server_key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return pki
 
 
 class FaultProxy:
@@ -43,6 +167,8 @@ class FaultProxy:
         hang: float = 1.5,
         force_status: int | None = None,
         paths: tuple[str, ...] = ("/v1/completions", "/v1/chat/completions"),
+        server_tls: ssl.SSLContext | None = None,
+        idle_close: float | None = None,
     ) -> None:
         bad = [k for k in kinds if k not in KINDS]
         if bad or not 0.0 <= rate <= 1.0:
@@ -51,18 +177,23 @@ class FaultProxy:
         self.upstream_host, self.upstream_port = parts.hostname, parts.port or 80
         self.rate, self.kinds, self.retry_after, self.hang = rate, kinds, retry_after, hang
         self.force_status, self.paths = force_status, paths
+        self.server_tls, self.idle_close = server_tls, idle_close
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self.seen: Counter[str] = Counter()  # requests received, by path
         self.faults: Counter[str] = Counter()  # faults injected, by kind
         self.forwarded = 0
         self.headers_seen: list[dict[str, str]] = []
-        self._server = _Server(("127.0.0.1", 0), self._handler_class())
+        self.connections = 0  # TCP connections accepted
+        self.tls_failures = 0  # TLS handshakes that failed
+        self._server = _Server(("127.0.0.1", 0), self._handler_class(), self)
         self._server.daemon_threads = True
         # A client that gave up (its timeout) makes our late write fail: expected here, not news.
         self._server.handle_error = lambda request, address: None
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        scheme = "https" if server_tls is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{self._server.server_address[1]}"
+        # A short poll interval: shutdown() waits for it (0.5 s by default, per proxy, per test).
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
 
     def __enter__(self) -> FaultProxy:
         self._thread.start()
@@ -95,6 +226,19 @@ class FaultProxy:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
             disable_nagle_algorithm = True  # headers and body are separate writes: no 40 ms delayed-ACK stall
+            timeout = proxy.idle_close  # a read waiting longer ends the connection (keep-alive timeout)
+
+            def setup(self) -> None:
+                if proxy.server_tls is not None:
+                    self.request.settimeout(10.0)
+                    try:
+                        self.request.do_handshake()
+                    except OSError:  # ssl.SSLError included: the client refused our certificate
+                        with proxy._lock:
+                            proxy.tls_failures += 1
+                        raise
+                    self.request.settimeout(None)  # StreamRequestHandler.setup applies `timeout`
+                super().setup()
 
             def log_message(self, *args) -> None:  # quiet: tests read counters, not logs
                 pass

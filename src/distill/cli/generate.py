@@ -48,6 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--api-key-env", default=None, metavar="VAR", help="environment variable holding the API key"
     )
+    parser.add_argument(
+        "--ca-bundle",
+        default=None,
+        metavar="PEM",
+        help="https teachers: trust the CA certificates in this PEM file instead of the system store "
+        "(default: the system store, which honours SSL_CERT_FILE); verification is never turned off",
+    )
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per HTTP request (default 60)")
     parser.add_argument("--max-retries", type=int, default=5, help="retries per HTTP request (default 5)")
     parser.add_argument(
@@ -87,6 +94,11 @@ def build_teacher(args: argparse.Namespace):
             chat=args.chat,
             max_retries=args.max_retries,
             max_connections=max(64, args.concurrency * len(urls)),
+            ca_bundle=args.ca_bundle,
+        )
+    if args.ca_bundle is not None:
+        raise ValueError(
+            f"--ca-bundle {args.ca_bundle!r} applies to https teacher URLs; the teacher is local"
         )
     if len(args.teacher) != 1:
         raise ValueError(f"--teacher: one local model directory at a time, got {args.teacher!r}")

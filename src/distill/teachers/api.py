@@ -18,6 +18,14 @@ load round-robin, and a retry moves to the next replica.
 
 The API key is read from the environment variable the user names and lives only in the transport's
 headers (its repr shows none); error texts are scrubbed of it.
+
+HTTPS always verifies the server's certificate and host name. A private CA is trusted either with
+``ca_bundle=PATH`` (``--ca-bundle``: a PEM file, used *instead of* the system store, as curl's
+``--cacert``) or with the ``SSL_CERT_FILE`` environment variable (OpenSSL reads it in
+`ssl.create_default_context`; the system's certificate directory stays trusted too). A certificate
+that cannot be verified is a configuration error, not a transient one: it fails at once, unretried,
+and the constructor checks it with one TLS handshake per https URL when ``model`` is given (without
+``model`` the ``/v1/models`` lookup does). There is no option to turn verification off.
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ import os
 import random
 import re
 import select
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Sequence
@@ -69,6 +79,8 @@ class APITeacher:
     "always" (text prompts are sent as one user message) or "never" (chats are refused).
     ``max_retries``: retries after the first attempt; ``backoff``/``max_backoff``: seconds of the
     exponential backoff (full jitter); ``max_retry_after``: cap on an honoured ``Retry-After``.
+    ``ca_bundle``: PEM file of CA certificates trusted for https URLs instead of the system store
+    (None: the system store, which honours ``SSL_CERT_FILE``/``SSL_CERT_DIR``).
     Thread-safe: `generate` calls `complete` from many threads.
     """
 
@@ -89,6 +101,7 @@ class APITeacher:
         max_retry_after: float = 120.0,
         max_connections: int = 64,
         seed: int | None = None,
+        ca_bundle: str | os.PathLike[str] | None = None,
     ) -> None:
         urls = [base_url] if isinstance(base_url, str) else list(base_url)
         if not urls:
@@ -116,14 +129,18 @@ class APITeacher:
             if not key:
                 raise ValueError(f"environment variable {api_key_env} (named by --api-key-env) is not set")
             headers["Authorization"] = f"Bearer {key}"
+        self.ca_bundle = None if ca_bundle is None else os.fspath(ca_bundle)
+        tls = _tls_context(self.ca_bundle) if any(u.startswith("https://") for u in self.urls) else None
         # The key stays in the transport's headers and this closure only: no attribute holds it.
         self._scrub = _scrubber(key)
-        self._client = _Transport(headers, self.timeout, int(max_connections))
+        self._client = _Transport(headers, self.timeout, int(max_connections), tls)
         self._rr = itertools.count()
         self._lock = threading.Lock()
         self._rng = random.Random(seed)
         self.stats = {"requests": 0, "retries": 0, "errors": 0}
         self._card: dict[str, Any] | None = None
+        if model and tls is not None:
+            self._check_tls(tls)  # without `model`, the /v1/models lookup below finds a bad certificate
         self.model = model if model else self._only_model()
 
     def __repr__(self) -> str:
@@ -135,6 +152,22 @@ class APITeacher:
 
     def close(self) -> None:
         self._client.close()
+
+    def _check_tls(self, context: ssl.SSLContext) -> None:
+        """One TLS handshake per https URL: an unverifiable certificate raises `APIError` now, before
+        any prompt is sent. Other failures (refused, timed out) are left to the requests' retries."""
+        for url in self.urls:
+            parts = urlsplit(url)
+            if parts.scheme != "https":
+                continue
+            try:
+                with socket.create_connection((parts.hostname, parts.port or 443), self.timeout) as sock:
+                    with context.wrap_socket(sock, server_hostname=parts.hostname):
+                        pass
+            except ssl.SSLCertVerificationError as err:
+                raise APIError(self._scrub(_tls_error(url, err)), retryable=False) from None
+            except OSError:
+                pass
 
     # --- identity ---------------------------------------------------------------------------
 
@@ -225,6 +258,12 @@ class APITeacher:
             retry_after = None
             try:
                 status, headers, payload = self._client.request(method, url, body)
+            except ssl.SSLCertVerificationError as err:  # configuration, not chance: never retried
+                with self._lock:
+                    self.stats["errors"] += 1
+                raise APIError(
+                    self._scrub(_tls_error(url, err)), attempts=attempt + 1, retryable=False
+                ) from None
             except TimeoutError:  # socket.timeout: connect or a read took longer than `timeout`
                 error, status = f"timed out after {self.timeout:g} s ({url})", None
             except (OSError, http.client.HTTPException) as err:  # refused, reset, dropped mid-response
@@ -263,6 +302,29 @@ class APITeacher:
             attempt += 1
 
 
+def _tls_context(ca_bundle: str | None) -> ssl.SSLContext:
+    """A verifying client context: the system store (with ``SSL_CERT_FILE``), or only ``ca_bundle``."""
+    if ca_bundle is None:
+        return ssl.create_default_context()
+    if not os.path.isfile(ca_bundle):
+        raise ValueError(f"ca_bundle (--ca-bundle) {ca_bundle!r} is not a file")
+    try:
+        return ssl.create_default_context(cafile=ca_bundle)
+    except ssl.SSLError as err:  # a PEM-less or corrupt file: OpenSSL says which
+        raise ValueError(
+            f"ca_bundle (--ca-bundle) {ca_bundle!r} holds no usable PEM CA certificate ({err})"
+        ) from None
+
+
+def _tls_error(url: str, err: ssl.SSLCertVerificationError) -> str:
+    why = err.verify_message or str(err)
+    return (
+        f"TLS certificate of {url} could not be verified ({why}); if the server uses a private CA, "
+        "trust it with --ca-bundle PATH (APITeacher(ca_bundle=PATH)) or the SSL_CERT_FILE environment "
+        "variable (a PEM file of CA certificates)"
+    )
+
+
 def _scrubber(secret: str):
     """A function removing ``secret``, and any long piece of it (providers echo masked keys), from text."""
 
@@ -292,7 +354,8 @@ def _error_text(payload: bytes) -> str:
 
 
 class _Transport:
-    """Plain HTTP/1.1 with keep-alive: one `http.client` connection per (thread, scheme, host, port).
+    """HTTP/1.1 with keep-alive: one `http.client` connection per (thread, scheme, host, port);
+    https connections use ``tls`` (a verifying `ssl.SSLContext`; the system store when None).
 
     ``request`` never retries (that is `APITeacher._send`'s job) and raises `TimeoutError`, `OSError`
     or `http.client.HTTPException` on transport failures. ``timeout``: seconds for the connect and for
@@ -300,14 +363,20 @@ class _Transport:
     threads. A connection the server closed while idle is noticed before reuse and replaced, so it
     costs no retry; a connection that failed mid-request is dropped."""
 
-    def __init__(self, headers: dict[str, str], timeout: float, max_connections: int) -> None:
+    def __init__(
+        self,
+        headers: dict[str, str],
+        timeout: float,
+        max_connections: int,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self._headers = headers
         self._timeout = timeout
         self._slots = threading.BoundedSemaphore(max_connections)
         self._local = threading.local()
         self._all: dict[http.client.HTTPConnection, threading.Thread] = {}  # for close()
         self._lock = threading.Lock()
-        self._ssl = None
+        self._ssl = tls  # one context for all connections: OpenSSL reuses it (and its loaded CAs)
 
     def __repr__(self) -> str:
         return "_Transport(headers=[hidden])"
@@ -326,8 +395,6 @@ class _Transport:
             if conn is not None:
                 self._drop(conns, (scheme, netloc))
             if scheme == "https":
-                import ssl
-
                 with self._lock:
                     self._ssl = self._ssl or ssl.create_default_context()
                 conn = http.client.HTTPSConnection(netloc, timeout=self._timeout, context=self._ssl)
