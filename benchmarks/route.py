@@ -17,8 +17,11 @@ throughput (sequential, batch size 1), so the ratio reflects compute only. The r
 the student on every request (it answers first) plus the teacher on the share sent to it.
 
 ``--task lm`` needs the LM demo's models: ``--lm-dir`` is the output directory of
-``distill demo --task lm`` (``teacher/`` and ``students/logits/``); it is created there by running
-the demo when missing (several minutes on a CPU).
+``distill demo --task lm`` (``teacher/`` and ``students/<name>/``); it is created there by running
+the demo when missing (a quarter of an hour on a CPU). ``--lm-student best`` (the default) picks, among
+every student the demo trained (each method, each seed), the one with the highest exact match on
+``--select-inputs`` selection prompts (seed 4) that are neither the demo's nor the benchmark's
+inputs (seed 3), as a team would pick the model to deploy before routing it.
 """
 
 from __future__ import annotations
@@ -72,23 +75,59 @@ def _digits_models(work: Path, seed: int) -> tuple[Path, Path, list[dict]]:
     return work / "teacher", work / "student", rows
 
 
-def _lm_models(lm_dir: Path, n: int, student: str = "logits") -> tuple[Path, Path, list[dict]]:
+def _pick_student(lm_dir: Path, n: int) -> tuple[str, dict[str, float]]:
+    """The student under ``lm_dir/students`` with the best exact match on ``n`` selection prompts.
+
+    Selection prompts come from seed 4, which neither the demo (seeds 0-2) nor the benchmark's
+    inputs (seed 3) use, so the choice does not peek at the routed evaluation."""
+    import torch
+
+    from distill.tasks import exact_match, make_examples
+    from distill.teachers.base import GenerationSettings, Request
+    from distill.teachers.hf import HFTeacher
+
+    torch.set_num_threads(1)
+    select = make_examples(n, seed=4)
+    reqs = [Request(id=e.id, prompt=e.prompt) for e in select]
+    scores = {}
+    for d in sorted(p.parent for p in (lm_dir / "students").glob("*/model.safetensors")):
+        answers = [
+            c.text for c in HFTeacher(d, batch_size=32).complete(reqs, GenerationSettings(max_new_tokens=24))
+        ]
+        scores[d.name] = exact_match(answers, [e.answer for e in select])
+    if not scores:
+        raise FileNotFoundError(f"{lm_dir}/students: no trained student")
+    return max(scores, key=lambda k: (scores[k], k == "sft", k)), scores  # ties: a stable choice
+
+
+def _lm_models(lm_dir: Path, n: int, student: str, n_select: int) -> tuple[Path, Path, list[dict], dict]:
     from distill.tasks import make_examples
 
-    if not (lm_dir / "students" / student / "model.safetensors").is_file():
+    if not (lm_dir / "teacher" / "model.safetensors").is_file():
         from distill.demos.lm import run as run_lm_demo
 
-        print(f"no LM demo models under {lm_dir}: running the LM demo (several minutes)", file=sys.stderr)
+        print(
+            f"no LM demo models under {lm_dir}: running the LM demo (a quarter of an hour)", file=sys.stderr
+        )
         run_lm_demo(lm_dir, progress=False)
+    selection: dict = {}
+    if student == "best":
+        student, scores = _pick_student(lm_dir, n_select)
+        selection = {"picked": student, "selection_exact_match": scores, "selection_prompts": n_select}
+        print(f"student picked on {n_select} selection prompts: {student} ({scores})", file=sys.stderr)
+    if not (lm_dir / "students" / student / "model.safetensors").is_file():
+        raise FileNotFoundError(f"--lm-student {student}: no model at {lm_dir / 'students' / student}")
     # seed 3: prompts none of the demo's models saw (the demo uses seeds 0, 1 and 2)
     rows = [
         {"id": e.id, "prompt": e.prompt, "answer": e.answer, "field": e.field}
         for e in make_examples(n, seed=3)
     ]
-    return lm_dir / "teacher", lm_dir / "students" / student, rows
+    return lm_dir / "teacher", lm_dir / "students" / student, rows, selection
 
 
-def bench_task(name: str, teacher_dir: Path, student_dir: Path, rows: list[dict], args) -> dict:
+def bench_task(
+    name: str, teacher_dir: Path, student_dir: Path, rows: list[dict], args, selection=None
+) -> dict:
     import torch
 
     from distill.runners import open_model
@@ -147,6 +186,8 @@ def bench_task(name: str, teacher_dir: Path, student_dir: Path, rows: list[dict]
     student_q = float(np.mean([h["student_quality"] for h in first]))
     return {
         "task": name,
+        "student_dir": str(student_dir),
+        "student_selection": selection or None,
         "n_inputs": len(rows),
         "n_answered": len(records),
         "excluded": excl.to_dict(),
@@ -194,8 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--task", choices=["digits", "lm", "all"], default="digits")
     p.add_argument("--lm-dir", default="runs/demo-lm", help="output directory of `distill demo --task lm`")
     p.add_argument(
-        "--lm-student", default="logits", choices=["logits", "sft", "hard"], help="LM demo student"
+        "--lm-student",
+        default="best",
+        help="LM demo student: a directory name under LM_DIR/students (sft, logits, hard, sft-seed1, ...) "
+        "or 'best' (picked on separate selection prompts)",
     )
+    p.add_argument("--select-inputs", type=int, default=200, help="selection prompts for --lm-student best")
     p.add_argument("--lm-inputs", type=int, default=400, help="benchmark prompts for the LM task")
     p.add_argument("--targets", default="0.99,0.995,1.0", help="comma-separated router targets")
     p.add_argument("--signal", default="mean_logprob")
@@ -215,13 +260,11 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(args.work) / "digits"
         results.append(bench_task("digits (MLP classifier)", *_digits_models(work, args.seed), args))
     if args.task in ("lm", "all"):
-        results.append(
-            bench_task(
-                "invoice task (tiny causal LMs)",
-                *_lm_models(Path(args.lm_dir), args.lm_inputs, args.lm_student),
-                args,
-            )
+        teacher_dir, student_dir, rows, selection = _lm_models(
+            Path(args.lm_dir), args.lm_inputs, args.lm_student, args.select_inputs
         )
+        name = f"invoice task (tiny causal LMs, student {student_dir.name})"
+        results.append(bench_task(name, teacher_dir, student_dir, rows, args, selection))
 
     rows = []
     for r in results:

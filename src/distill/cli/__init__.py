@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # command name -> (module under distill.cli, one-line help). A plain dict: no registry, no import side effects.
@@ -52,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    # Commands draw their own progress bars; transformers' per-file ones ("Loading weights",
+    # "Writing model shards") would interleave with them. Set before transformers is imported;
+    # a user's explicit HF_HUB_DISABLE_PROGRESS_BARS=0 wins.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         return int(_load(args.command).run(args) or 0)
     except (ValueError, FileNotFoundError) as err:
