@@ -18,8 +18,8 @@ _EXPORTS = {
     "kd_loss": "distill.losses",
     "SparseTargets": "distill.losses",
     "fused_linear_kd_loss": "distill.losses",
-    "calibrate_temperature": "distill.classifier",
-    "compare": "distill.classifier",
+    "calibrate_temperature": "distill.classifier_metrics",
+    "compare": "distill.classifier_metrics",
     "distill_classifier": "distill.classifier",
 }
 __all__ = [
@@ -35,7 +35,8 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from distill.classifier import calibrate_temperature, compare, distill_classifier
+    from distill.classifier import distill_classifier
+    from distill.classifier_metrics import calibrate_temperature, compare
     from distill.losses import LOSSES, SparseTargets, fused_linear_kd_loss, hinton_loss, kd_loss
 
 

@@ -24,16 +24,14 @@ import numpy as np
 
 from distill import report
 from distill.classifier import (
-    calibrate_temperature,
     clone,
-    compare,
     distill_classifier,
-    expected_calibration_error,
     mlp,
     predict_logits,
     save_classifier,
     train_classifier,
 )
+from distill.classifier_metrics import calibrate_temperature, compare, expected_calibration_error
 
 DATASET = "sklearn digits: 1,797 8x8 grey-level images (0-16), 10 classes; features scaled to [0, 1]"
 
