@@ -55,10 +55,17 @@ def _write_json(path: Path, obj: Any) -> None:
 def _optimizer_to_files(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
+    storages: set[int] = set()
     for idx, st in sd["state"].items():
         for k, v in st.items():
             if isinstance(v, torch.Tensor):
-                tensors[f"state.{idx}.{k}"] = v.detach().cpu().contiguous()
+                t = v.detach().cpu().contiguous()
+                # FSDP1 hands out one `step` tensor for every parameter of a flat group; safetensors
+                # refuses tensors that share memory, so later sharers get a copy.
+                if t.untyped_storage().data_ptr() in storages:
+                    t = t.clone()
+                storages.add(t.untyped_storage().data_ptr())
+                tensors[f"state.{idx}.{k}"] = t
             else:
                 scalars.setdefault(str(idx), {})[k] = v
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}

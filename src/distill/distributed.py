@@ -75,12 +75,14 @@ def check_launch(accelerator, *, lora: bool) -> None:
 def _options(**kw):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    # cpu_offload: whole tensors gathered to the CPU of rank 0 only, one at a time (no full copy per GPU).
-    return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
+    # On GPUs, cpu_offload moves each gathered tensor to rank 0's CPU memory (no whole copy per GPU). On
+    # CPU there is nothing to offload to, and FSDP1's offload path fails there ("setStorage: ... out of
+    # bounds for storage of size 0"): every rank gets the whole tensors instead.
+    return StateDictOptions(full_state_dict=True, cpu_offload=torch.cuda.is_available(), **kw)
 
 
 def full_model_state(model) -> dict[str, torch.Tensor]:
-    """The whole state dict of a prepared model as CPU tensors on rank 0 (empty elsewhere); a collective.
+    """The whole state dict of a prepared model as whole tensors (with GPUs: on rank 0's CPU only); a collective.
 
     Not ``accelerator.get_state_dict``: under FSDP2 on CPU (accelerate 1.15, torch 2.13) that returned
     the DTensor shards themselves, which ``save_pretrained`` cannot write."""
@@ -94,7 +96,7 @@ def gather_train_state(model, optimizer, names: list[str]) -> tuple[dict[str, to
 
     ``names``: the trainable parameters in the order the optimizer was given them (its indices).
     Returns the parameters keyed by name and the optimizer state in `torch.optim.Optimizer.state_dict`
-    form (keyed by index). Under FSDP only rank 0 gets the tensors; other ranks get empty dicts.
+    form (keyed by index). With GPUs only rank 0 gets the tensors; other ranks get empty dicts.
     """
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 

@@ -303,8 +303,15 @@ def train(cfg: TrainConfig, *, accelerator=None, console=None) -> TrainResult:
     trainable = {n: p for n, p in student.named_parameters() if p.requires_grad}
     # Names and whole shapes before `prepare` (FSDP replaces parameters with shards): checkpoints use them.
     names, shapes = list(trainable), {n: tuple(p.shape) for n, p in trainable.items()}
-    optimizer = torch.optim.AdamW(trainable.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    model, optimizer = accelerator.prepare(student, optimizer)
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+        # FSDP1 replaces the parameters with flat ones and accelerate does not remap an optimizer made
+        # before: it would step tensors nobody trains. Make it from the wrapped model's parameters.
+        model = accelerator.prepare(student)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = accelerator.prepare(torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
+    else:
+        optimizer = torch.optim.AdamW(trainable.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        model, optimizer = accelerator.prepare(student, optimizer)
     del trainable  # under FSDP these are no longer the parameters being trained
 
     world, rank = accelerator.num_processes, accelerator.process_index

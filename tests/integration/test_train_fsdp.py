@@ -28,15 +28,19 @@ ACCELERATE = Path(sys.executable).with_name("accelerate")
 # Run by `accelerate launch` in each of the two processes.
 FORCED_FSDP = """
 import json, sys
+import torch
 from accelerate import Accelerator, FullyShardedDataParallelPlugin
 from accelerate.utils import DistributedType
 from distill.config import TrainConfig
 from distill.train import train
 
+version = int(sys.argv[2])
 acc = Accelerator(cpu=True)  # joins the gloo group the launcher set up
 acc.state.distributed_type = DistributedType.FSDP  # what accelerate does on GPUs for --use_fsdp
-acc.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
-assert acc.is_fsdp2
+acc.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=version, auto_wrap_policy="transformer_based_wrap")
+if version == 1:  # FSDP1 compares its device_id (accelerate's "cpu:0") with the compute device "cpu"
+    acc.state.device = torch.device("cpu")
+assert acc.is_fsdp2 == (version == 2)
 r = train(TrainConfig(**json.loads(sys.argv[1])), accelerator=acc)
 print("RESUMED_FROM", r.resumed_from)
 """
@@ -99,20 +103,40 @@ def test_deepspeed_and_a_short_process_group_are_refused(tmp_path, tiny_student_
         check_launch(acc, lora=False)
 
 
+COMMON = dict(lr=3e-3, grad_accum=2, progress=False, mode="logits", alpha=0.5)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, tiny_student_dir, tiny_lm_dir):
+    """One process, 4 steps of 4 examples: the run FSDP's 2 processes x 2 examples must reproduce."""
+    tmp = tmp_path_factory.mktemp("fsdp_single")
+    common = dict(student=str(tiny_student_dir), data=str(_data(tmp)), teacher=str(tiny_lm_dir), **COMMON)
+    flags = ["--student", common["student"], "--data", common["data"], "--lr", "3e-3", "--grad-accum", "2",
+             "--no-progress", "--mode", "logits", "--teacher", common["teacher"], "--alpha", "0.5",
+             "--batch-size", "4", "--max-steps", "4"]  # fmt: skip
+    one = subprocess.run([sys.executable, "-m", "distill", "train", *flags, "--out", str(tmp / "one")],
+                         env=_env(), capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    return common, flags, tmp / "one"
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.slow
-def test_fsdp2_two_processes_match_one_process_and_resume_exactly(tmp_path, tiny_student_dir, tiny_lm_dir):
+@pytest.mark.parametrize("version", [1, 2])
+def test_fsdp_two_processes_match_one_process_and_resume_exactly(tmp_path, single, version):
     from transformers import AutoModelForCausalLM
 
-    data = _data(tmp_path)
-    common = dict(student=str(tiny_student_dir), data=str(data), lr=3e-3, grad_accum=2, progress=False,
-                  mode="logits", teacher=str(tiny_lm_dir), alpha=0.5)  # fmt: skip
+    common, flags, one_out = single
     script = tmp_path / "forced_fsdp.py"
     script.write_text(FORCED_FSDP)
 
     def forced_fsdp(**cfg) -> str:
         # One training per launch: a second FSDP2 training in the same processes came out ~1e-6 off the
         # first (seen on CPU, cause not found), while separate launches are bit-identical.
-        args = [str(script), json.dumps({**common, "batch_size": 2, **cfg})]
+        args = [str(script), json.dumps({**common, "batch_size": 2, **cfg}), str(version)]
         run = subprocess.run(
             _launch("--multi_gpu", *args), env=_env(), capture_output=True, text=True, timeout=600
         )
@@ -120,59 +144,44 @@ def test_fsdp2_two_processes_match_one_process_and_resume_exactly(tmp_path, tiny
         return run.stdout
 
     forced_fsdp(out=str(tmp_path / "fsdp"), max_steps=4, save_every=2)
-    flags = ["--student", common["student"], "--data", str(data), "--lr", "3e-3", "--grad-accum", "2",
-             "--no-progress", "--mode", "logits", "--teacher", common["teacher"], "--alpha", "0.5",
-             "--batch-size", "4", "--max-steps", "4", "--out", str(tmp_path / "one")]  # fmt: skip
-    one = subprocess.run([sys.executable, "-m", "distill", "train", *flags], env=_env(),
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert one.returncode == 0, one.stderr[-3000:]
-
-    def metrics(name):
-        return [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-
-    assert [x["tokens"] for x in metrics("fsdp")] == [x["tokens"] for x in metrics("one")]
-    fsdp, single = (
+    assert [x["tokens"] for x in _metrics(tmp_path / "fsdp")] == [x["tokens"] for x in _metrics(one_out)]
+    fsdp, single_w = (
         load_file(tmp_path / "fsdp" / "model.safetensors"),
-        load_file(tmp_path / "one" / "model.safetensors"),
+        load_file(one_out / "model.safetensors"),
     )
-    start = load_file(Path(tiny_student_dir) / "model.safetensors")
-    assert fsdp.keys() == single.keys() == start.keys()
+    start = load_file(Path(common["student"]) / "model.safetensors")
+    assert fsdp.keys() == single_w.keys() == start.keys()
     assert max((fsdp[k] - start[k]).abs().max().item() for k in fsdp) > 1e-3  # it trained
     for k in fsdp:  # the reduce-scatter sums in another order than one process: not bit-equal
-        torch.testing.assert_close(fsdp[k], single[k], rtol=0, atol=1e-5, msg=k)
+        torch.testing.assert_close(fsdp[k], single_w[k], rtol=0, atol=1e-5, msg=k)
 
     # Checkpoints written under FSDP hold whole tensors (gathered from the shards), not rank 0's shard.
-    ckpt = load_file(tmp_path / "fsdp" / "checkpoints" / "step-00000002" / "model.safetensors")
+    step2 = tmp_path / "fsdp" / "checkpoints" / "step-00000002"
+    ckpt = load_file(step2 / "model.safetensors")
     assert {k: tuple(v.shape) for k, v in ckpt.items()} == {k: tuple(start[k].shape) for k in ckpt}
-    opt = load_file(tmp_path / "fsdp" / "checkpoints" / "step-00000002" / "optimizer.safetensors")
-    assert {tuple(v.shape) for k, v in opt.items() if k.endswith("exp_avg")} == {
+    opt = load_file(step2 / "optimizer.safetensors")
+    assert sorted(tuple(v.shape) for k, v in opt.items() if k.endswith("exp_avg")) == sorted(
         tuple(v.shape) for v in ckpt.values()
-    }
+    )
 
     # Resumed under FSDP from the step-2 checkpoint the FSDP run wrote: bit-identical to that run.
-    shutil.copytree(
-        tmp_path / "fsdp" / "checkpoints" / "step-00000002",
-        tmp_path / "resumed" / "checkpoints" / "step-00000002",
-    )
+    shutil.copytree(step2, tmp_path / "resumed" / "checkpoints" / step2.name)
     said = forced_fsdp(out=str(tmp_path / "resumed"), max_steps=4, resume=True)
-    assert "RESUMED_FROM" in said and said.split("RESUMED_FROM")[1].strip().endswith("step-00000002")
-    assert [x["step"] for x in metrics("resumed")] == [3, 4]
-    assert (
-        metrics("resumed")
-        and [x["loss"] for x in metrics("resumed")] == [x["loss"] for x in metrics("fsdp")][2:]
-    )
+    assert said.split("RESUMED_FROM")[1].strip().endswith("step-00000002")
+    assert [x["step"] for x in _metrics(tmp_path / "resumed")] == [3, 4]
+    assert [x["loss"] for x in _metrics(tmp_path / "resumed")] == [
+        x["loss"] for x in _metrics(tmp_path / "fsdp")
+    ][2:]
     resumed = load_file(tmp_path / "resumed" / "model.safetensors")
     for k in fsdp:
         assert torch.equal(resumed[k], fsdp[k]), k
 
     # The same checkpoint resumes in one process (whole tensors, index-keyed optimizer state).
-    shutil.copytree(
-        tmp_path / "fsdp" / "checkpoints" / "step-00000002",
-        tmp_path / "one_resumed" / "checkpoints" / "step-00000002",
-    )
-    flags[-1] = str(tmp_path / "one_resumed")
-    one_resumed = subprocess.run([sys.executable, "-m", "distill", "train", *flags, "--resume"], env=_env(),
-                                 capture_output=True, text=True, timeout=600)  # fmt: skip
+    shutil.copytree(step2, tmp_path / "one_resumed" / "checkpoints" / step2.name)
+    one_resumed = subprocess.run(
+        [sys.executable, "-m", "distill", "train", *flags, "--out", str(tmp_path / "one_resumed"), "--resume"],
+        env=_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
     assert one_resumed.returncode == 0, one_resumed.stderr[-3000:]
     assert "processes changed 2 -> 1" in one_resumed.stderr
     back = load_file(tmp_path / "one_resumed" / "model.safetensors")
