@@ -45,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--top-logprobs", type=int, default=5, help="top-k log-probs requested per token (default 5)"
     )
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N inputs")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         input_column=args.input_column,
         api_key_env=args.teacher_api_key_env,
     )
-    result = evaluate(student, teacher, rows, cfg, prices)
+    result = evaluate(student, teacher, rows, cfg, prices, progress=args.progress)
     files = write_reports(result, args.out)
     print_summary(result)
     print(f"wrote {files['json']} and {files['html']}")

@@ -45,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     fit.add_argument("--first-line", action="store_true", help="compare only the first line of text answers")
     fit.add_argument("--max-new-tokens", type=int, default=32, help="generation limit for language models")
+    fit.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     show = sub.add_parser("show", help="print a saved router's trade-off curve")
     show.add_argument("router", help="router JSON file")
 
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     teacher = open_model(args.teacher, "teacher", settings=settings, input_column=args.input_column)
     report = calibrate_on_models(
         router, student, teacher, rows, eval_cfg=cfg, holdout=args.holdout, seed=args.seed,
-        ood_scorer=scorer, text_column=args.input_column, prices=prices,
+        ood_scorer=scorer, text_column=args.input_column, prices=prices, progress=args.progress,
     )  # fmt: skip
     path = router.save(args.out, ood_scorer=scorer)  # the scorer goes beside it: OUT.ood/
     report_path = write_json(
