@@ -61,7 +61,7 @@ class PKIFiles:
     ca_cert: Path
     """The CA certificate: what a client must trust."""
     server_cert: Path
-    """The server's certificate, signed by the CA, for 127.0.0.1, ::1 and localhost."""
+    """The server's certificate, signed by the CA (for localhost, 127.0.0.1 and ::1 by default)."""
     server_key: Path
     """The server certificate's private key (unencrypted)."""
 
@@ -72,8 +72,15 @@ class PKIFiles:
         return ctx
 
 
-def make_test_pki(directory: str | Path, *, name: str = "distill test CA") -> PKIFiles:
+def make_test_pki(
+    directory: str | Path,
+    *,
+    name: str = "distill test CA",
+    hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1"),
+) -> PKIFiles:
     """Write a fresh self-signed CA and a CA-signed server certificate under ``directory``.
+
+    ``hosts``: the server certificate's names (DNS names and IP addresses).
 
     Keys are EC P-256 (fast to make); certificates are valid from one hour ago for one day. Uses the
     ``cryptography`` package (a dev dependency)."""
@@ -120,14 +127,15 @@ def make_test_pki(directory: str | Path, *, name: str = "distill test CA") -> PK
     )
 
     key = ec.generate_private_key(ec.SECP256R1())
-    sans = [
-        x509.DNSName("localhost"),
-        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-        x509.IPAddress(ipaddress.ip_address("::1")),
-    ]
+    sans = []
+    for host in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:  # not an address: a DNS name
+            sans.append(x509.DNSName(host))
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
         .issuer_name(ca_name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())

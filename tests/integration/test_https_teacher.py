@@ -169,6 +169,15 @@ def test_certificate_replaced_mid_run_fails_the_request_unretried(tls_proxy, pki
     assert eventually(lambda: tls_proxy.tls_failures == 1) and tls_proxy.total_seen == 0
 
 
+def test_certificate_for_another_host_name_is_refused(server, tmp_path, model):
+    pki = make_test_pki(tmp_path / "pki", hosts=("teacher.internal",))
+    with FaultProxy(server.rsplit("/v1", 1)[0], server_tls=pki.server_context()) as proxy:
+        with pytest.raises(APIError, match=r"could not be verified \(IP address mismatch") as caught:
+            APITeacher(proxy.url + "/v1", model=model, ca_bundle=pki.ca_cert)
+    assert proxy.url in str(caught.value) and "issued for" in str(caught.value)
+    assert not caught.value.retryable
+
+
 def test_bad_ca_bundle_is_refused_before_any_connection(tls_proxy, tmp_path, model):
     with pytest.raises(ValueError, match="is not a file"):
         APITeacher(tls_proxy.url + "/v1", model=model, ca_bundle=tmp_path / "missing.pem")

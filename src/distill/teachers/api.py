@@ -318,6 +318,11 @@ def _tls_context(ca_bundle: str | None) -> ssl.SSLContext:
 
 def _tls_error(url: str, err: ssl.SSLCertVerificationError) -> str:
     why = err.verify_message or str(err)
+    if "mismatch" in why:  # hostname / IP address mismatch: trusting another CA would not help
+        return (
+            f"TLS certificate of {url} could not be verified ({why}); use a host name or address "
+            "the certificate was issued for"
+        )
     return (
         f"TLS certificate of {url} could not be verified ({why}); if the server uses a private CA, "
         "trust it with --ca-bundle PATH (APITeacher(ca_bundle=PATH)) or the SSL_CERT_FILE environment "
