@@ -244,3 +244,11 @@ def test_plain_http_still_works(server, model):
         finally:
             teacher.close()
     assert proxy.connections == 1 and proxy.url.startswith("http://")
+
+
+def test_ca_bundle_with_a_local_teacher_is_refused(tiny_lm_dir, pki, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "x"}\n')
+    args = ["generate", "--teacher", str(tiny_lm_dir), "--prompts", str(prompts)]
+    assert main([*args, "--out", str(tmp_path / "s"), "--ca-bundle", str(pki.ca_cert)]) == 2
+    assert "--ca-bundle" in capsys.readouterr().err and not (tmp_path / "s").exists()
