@@ -303,7 +303,7 @@ def train(cfg: TrainConfig, *, accelerator=None, console=None) -> TrainResult:
     trainable = {n: p for n, p in student.named_parameters() if p.requires_grad}
     # Names and whole shapes before `prepare` (FSDP replaces parameters with shards): checkpoints use them.
     names, shapes = list(trainable), {n: tuple(p.shape) for n, p in trainable.items()}
-    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+    if accelerator.distributed_type == DistributedType.FSDP and not getattr(accelerator, "is_fsdp2", False):
         # FSDP1 replaces the parameters with flat ones and accelerate does not remap an optimizer made
         # before: it would step tensors nobody trains. Make it from the wrapped model's parameters.
         model = accelerator.prepare(student)
