@@ -305,7 +305,7 @@ def train(cfg: TrainConfig, *, accelerator=None, console=None) -> TrainResult:
     names, shapes = list(trainable), {n: tuple(p.shape) for n, p in trainable.items()}
     if accelerator.distributed_type == DistributedType.FSDP and not getattr(accelerator, "is_fsdp2", False):
         # FSDP1 replaces the parameters with flat ones and accelerate does not remap an optimizer made
-        # before: it would step tensors nobody trains. Make it from the wrapped model's parameters.
+        # before: it would hold parameters the wrapped model no longer has. Make it from the wrapped model.
         model = accelerator.prepare(student)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = accelerator.prepare(torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
