@@ -178,6 +178,16 @@ def test_certificate_for_another_host_name_is_refused(server, tmp_path, model):
     assert not caught.value.retryable
 
 
+def test_https_to_a_plain_http_server_fails_at_once(server, model):
+    url = server.replace("http://", "https://")
+    started = time.monotonic()
+    for kw in ({"model": model}, {}):  # the constructor's handshake, then the /v1/models lookup
+        with pytest.raises(APIError, match="did not answer with TLS .*plain http:// endpoint") as caught:
+            APITeacher(url, backoff=5.0, **kw)
+        assert url in str(caught.value) and not caught.value.retryable
+    assert time.monotonic() - started < 4.0  # a single retry would have slept up to 5 s
+
+
 def test_bad_ca_bundle_is_refused_before_any_connection(tls_proxy, tmp_path, model):
     with pytest.raises(ValueError, match="is not a file"):
         APITeacher(tls_proxy.url + "/v1", model=model, ca_bundle=tmp_path / "missing.pem")
@@ -185,6 +195,8 @@ def test_bad_ca_bundle_is_refused_before_any_connection(tls_proxy, tmp_path, mod
     junk.write_text("not a certificate\n")
     with pytest.raises(ValueError, match="no usable PEM CA certificate"):
         APITeacher(tls_proxy.url + "/v1", model=model, ca_bundle=junk)
+    with pytest.raises(ValueError, match="is not a file"):  # checked even when no URL is https
+        APITeacher("http://127.0.0.1:9/v1", model=model, ca_bundle=tmp_path / "missing.pem")
     assert tls_proxy.connections == 0
 
 

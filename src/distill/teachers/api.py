@@ -130,7 +130,9 @@ class APITeacher:
                 raise ValueError(f"environment variable {api_key_env} (named by --api-key-env) is not set")
             headers["Authorization"] = f"Bearer {key}"
         self.ca_bundle = None if ca_bundle is None else os.fspath(ca_bundle)
-        tls = _tls_context(self.ca_bundle) if any(u.startswith("https://") for u in self.urls) else None
+        https = any(u.startswith("https://") for u in self.urls)
+        # Built (and a given bundle checked) even for http-only URLs: a bad path is an error anyway.
+        tls = _tls_context(self.ca_bundle) if https or self.ca_bundle is not None else None
         # The key stays in the transport's headers and this closure only: no attribute holds it.
         self._scrub = _scrubber(key)
         self._client = _Transport(headers, self.timeout, int(max_connections), tls)
@@ -139,7 +141,7 @@ class APITeacher:
         self._rng = random.Random(seed)
         self.stats = {"requests": 0, "retries": 0, "errors": 0}
         self._card: dict[str, Any] | None = None
-        if model and tls is not None:
+        if model and https:
             self._check_tls(tls)  # without `model`, the /v1/models lookup below finds a bad certificate
         self.model = model if model else self._only_model()
 
@@ -164,8 +166,9 @@ class APITeacher:
                 with socket.create_connection((parts.hostname, parts.port or 443), self.timeout) as sock:
                     with context.wrap_socket(sock, server_hostname=parts.hostname):
                         pass
-            except ssl.SSLCertVerificationError as err:
-                raise APIError(self._scrub(_tls_error(url, err)), retryable=False) from None
+            except ssl.SSLError as err:
+                if _tls_is_permanent(err):
+                    raise APIError(self._scrub(_tls_error(url, err)), retryable=False) from None
             except OSError:
                 pass
 
@@ -258,15 +261,16 @@ class APITeacher:
             retry_after = None
             try:
                 status, headers, payload = self._client.request(method, url, body)
-            except ssl.SSLCertVerificationError as err:  # configuration, not chance: never retried
-                with self._lock:
-                    self.stats["errors"] += 1
-                raise APIError(
-                    self._scrub(_tls_error(url, err)), attempts=attempt + 1, retryable=False
-                ) from None
             except TimeoutError:  # socket.timeout: connect or a read took longer than `timeout`
                 error, status = f"timed out after {self.timeout:g} s ({url})", None
             except (OSError, http.client.HTTPException) as err:  # refused, reset, dropped mid-response
+                if isinstance(err, ssl.SSLError) and _tls_is_permanent(err):
+                    # Configuration, not chance (untrusted certificate, not a TLS server): never retried.
+                    with self._lock:
+                        self.stats["errors"] += 1
+                    raise APIError(
+                        self._scrub(_tls_error(url, err)), attempts=attempt + 1, retryable=False
+                    ) from None
                 error, status = f"connection failed: {type(err).__name__} ({url})", None
             else:
                 if status == 200:
@@ -316,7 +320,20 @@ def _tls_context(ca_bundle: str | None) -> ssl.SSLContext:
         ) from None
 
 
-def _tls_error(url: str, err: ssl.SSLCertVerificationError) -> str:
+# OpenSSL's reasons when an https URL reaches a server that answers in plain HTTP (3.0; 3.2+).
+_NOT_TLS = frozenset(
+    {"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE"}
+)
+
+
+def _tls_is_permanent(err: ssl.SSLError) -> bool:
+    """A TLS failure that a retry cannot fix: an unverifiable certificate, or no TLS server at all."""
+    return isinstance(err, ssl.SSLCertVerificationError) or err.reason in _NOT_TLS
+
+
+def _tls_error(url: str, err: ssl.SSLError) -> str:
+    if not isinstance(err, ssl.SSLCertVerificationError):
+        return f"{url} did not answer with TLS ({err.reason}); is it a plain http:// endpoint?"
     why = err.verify_message or str(err)
     if "mismatch" in why:  # hostname / IP address mismatch: trusting another CA would not help
         return (
