@@ -19,7 +19,7 @@ import pytest
 
 from distill import store
 from distill.cli import main
-from distill.teachers.api import APIError, APITeacher
+from distill.teachers.api import APIError, APITeacher, tls_context
 from distill.teachers.base import GenerationSettings, Request
 from faultproxy import FaultProxy, make_test_pki
 from servers import running_server
@@ -232,17 +232,21 @@ def test_generate_cli_over_https(tls_proxy, pki, model, tmp_path, capsys, monkey
             assert CANARY.encode() not in path.read_bytes(), path
 
 
-def test_httpx_fallback_client_honours_ssl_cert_file(tls_proxy, pki, monkeypatch):
-    """The serve router's fallback uses ``httpx.AsyncClient(timeout=...)``: SSL_CERT_FILE trusts a CA."""
+def test_httpx_fallback_client_honours_ssl_cert_file(tls_proxy, pki, tmp_path, monkeypatch):
+    """The serve router's fallback uses ``httpx.AsyncClient(timeout=...)``: SSL_CERT_FILE trusts a CA;
+    so does ``verify=tls_context(PEM)`` (what a ``--fallback-ca-bundle`` flag would pass)."""
 
-    async def get(url: str) -> int:
-        async with httpx.AsyncClient(timeout=10.0) as client:
+    async def get(url: str, **kw) -> int:
+        async with httpx.AsyncClient(timeout=10.0, **kw) as client:
             return (await client.get(url)).status_code
 
     url = tls_proxy.url + "/v1/models"
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
         asyncio.run(get(url))
+    assert asyncio.run(get(url, verify=tls_context(pki.ca_cert))) == 200
+    with pytest.raises(ValueError, match="--fallback-ca-bundle .* is not a file"):
+        tls_context(tmp_path / "nope.pem", where="--fallback-ca-bundle")
     monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca_cert))
     assert asyncio.run(get(url)) == 200
 

@@ -132,7 +132,7 @@ class APITeacher:
         self.ca_bundle = None if ca_bundle is None else os.fspath(ca_bundle)
         https = any(u.startswith("https://") for u in self.urls)
         # Built (and a given bundle checked) even for http-only URLs: a bad path is an error anyway.
-        tls = _tls_context(self.ca_bundle) if https or self.ca_bundle is not None else None
+        tls = tls_context(self.ca_bundle) if https or self.ca_bundle is not None else None
         # The key stays in the transport's headers and this closure only: no attribute holds it.
         self._scrub = _scrubber(key)
         self._client = _Transport(headers, self.timeout, int(max_connections), tls)
@@ -306,18 +306,22 @@ class APITeacher:
             attempt += 1
 
 
-def _tls_context(ca_bundle: str | None) -> ssl.SSLContext:
-    """A verifying client context: the system store (with ``SSL_CERT_FILE``), or only ``ca_bundle``."""
+def tls_context(
+    ca_bundle: str | os.PathLike[str] | None, *, where: str = "ca_bundle (--ca-bundle)"
+) -> ssl.SSLContext:
+    """A verifying TLS client context: the system store (which honours ``SSL_CERT_FILE``) when
+    ``ca_bundle`` is None, else only the CA certificates in that PEM file. ``where`` names the
+    value's origin in the `ValueError` for a missing file or one without a usable certificate.
+    Also usable as httpx's ``verify=``."""
     if ca_bundle is None:
         return ssl.create_default_context()
-    if not os.path.isfile(ca_bundle):
-        raise ValueError(f"ca_bundle (--ca-bundle) {ca_bundle!r} is not a file")
+    path = os.fspath(ca_bundle)
+    if not os.path.isfile(path):
+        raise ValueError(f"{where} {path!r} is not a file")
     try:
-        return ssl.create_default_context(cafile=ca_bundle)
+        return ssl.create_default_context(cafile=path)
     except ssl.SSLError as err:  # a PEM-less or corrupt file: OpenSSL says which
-        raise ValueError(
-            f"ca_bundle (--ca-bundle) {ca_bundle!r} holds no usable PEM CA certificate ({err})"
-        ) from None
+        raise ValueError(f"{where} {path!r} holds no usable PEM CA certificate ({err})") from None
 
 
 # OpenSSL's reasons when an https URL reaches a server that answers in plain HTTP (3.0; 3.2+).
