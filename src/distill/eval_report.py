@@ -20,6 +20,9 @@ SUMMARY_ROWS = [
     ("kl_to_teacher", "KL(teacher || model), nats"),
     ("calibration_error", "calibration error (ECE)"),
     ("params", "parameters"),
+    ("weights_mb", "weights, MB"),
+    ("peak_memory_mb", "peak memory over runtime baseline, MB"),
+    ("memory_peak_rss_mb", "peak RSS running this model alone, MB"),
     ("latency_p50", "latency p50, ms"),
     ("latency_p95", "latency p95, ms"),
     ("latency_p99", "latency p99, ms"),
@@ -37,6 +40,8 @@ def summary_table(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
             m = result[who]
             if key.startswith("latency_"):
                 vals.append(m["latency_ms"][key.split("_")[1]] if m["latency_ms"] else None)
+            elif key.startswith("memory_"):
+                vals.append((m.get("memory") or {}).get(key.removeprefix("memory_"), "n/a"))
             else:
                 vals.append(m.get(key, "n/a"))
         if vals == ["n/a", "n/a"]:
@@ -54,6 +59,7 @@ def headline(result: dict[str, Any]) -> list[list[Any]]:
         ["quality_retained", result["quality_retained"]],
         ["speedup (p50)", result["speedup"]],
         ["cost_ratio", result["cost_ratio"]],
+        ["eval process peak RSS (both models), MB", result.get("process_peak_rss_mb")],
     ]
 
 

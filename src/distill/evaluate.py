@@ -10,6 +10,10 @@ Quality is measured against the gold answer when the inputs have one (``label`` 
 column), otherwise against the teacher's answer. Metrics: classifiers get accuracy and macro-F1;
 text gets exact match and token-F1; ``metric="module:function"`` calls the user's own
 ``function(prediction, reference) -> float`` per input.
+
+Peak memory is measured per model, each alone in a child process that reloads it and answers the
+longest few evaluated inputs (`distill.memprobe`): this process holds both models, so its own peak
+cannot separate them.
 """
 
 from __future__ import annotations
@@ -58,12 +62,19 @@ class EvalConfig:
     """Input-length slices when no slice column is given; >= 1."""
     calibration_bins: int = 15
     """Equal-width confidence bins of the expected calibration error; >= 1."""
+    memory: bool = True
+    """Measure each local model's peak memory alone, in a child process (`distill.memprobe`; a few
+    seconds per model, mostly importing torch); False skips it and reports ``None``."""
+    memory_inputs: int = 4
+    """How many evaluated inputs (the longest) the memory probe runs; >= 1."""
 
     def __post_init__(self) -> None:
         if self.metric not in ("auto", "accuracy", "exact_match", "token_f1") and ":" not in self.metric:
             raise ValueError(
                 f"metric must be auto, accuracy, exact_match, token_f1 or module:function, got {self.metric!r}"
             )
+        if int(self.memory_inputs) < 1:
+            raise ValueError(f"memory_inputs must be >= 1, got {self.memory_inputs}")
         if int(self.n_length_buckets) < 1 or int(self.calibration_bins) < 1:
             raise ValueError(
                 f"n_length_buckets and calibration_bins must be >= 1, got {self.n_length_buckets}, {self.calibration_bins}"
@@ -233,6 +244,28 @@ def _model_summary(records, who: str, runner: Runner, cfg: EvalConfig, metric: s
     return out
 
 
+def _memory(result, runners, rows, cfg: EvalConfig, problems: list[str], progress: bool) -> None:
+    """Each model's ``peak_memory_mb`` and its ``memory`` details (`distill.memprobe.probe_memory`)."""
+    from rich.progress import Progress
+
+    from distill.memprobe import probe_memory
+
+    with Progress(disable=not progress or not cfg.memory, transient=True) as bar:
+        task = bar.add_task("eval: peak memory, one child process per model", total=len(runners))
+        for who, runner in runners:
+            if cfg.memory:
+                mem = probe_memory(runner, rows)
+            else:
+                mem = {"peak_memory_mb": None, "reason": "not measured (memory probe switched off)"}
+            bar.advance(task)
+            result[who]["peak_memory_mb"] = mem["peak_memory_mb"]
+            result[who]["memory"] = mem
+            if mem.get("error"):  # a failed probe is reported, the evaluation stands
+                problems.append(f"{who} peak memory: probe failed: {mem['error']}")
+            elif cfg.memory and mem["peak_memory_mb"] is None:
+                problems.append(f"{who} peak memory: {mem['reason']}")
+
+
 def _costs(result: dict[str, Any], prices: Prices | None, problems: list[str]) -> None:
     s, t = result["student"], result["teacher"]
     s["cost_per_1m_requests"] = t["cost_per_1m_requests"] = None
@@ -264,9 +297,11 @@ def evaluate(
     """The full comparison as a JSON-ready dict (see docs/evaluate.md for every key).
 
     Top level: ``n_inputs``, ``n_evaluated``, ``excluded`` ({total, by_reason}), ``reference``
-    ("gold" / "teacher" / "mixed"), ``student`` and ``teacher`` metric dicts, ``quality_retained``
+    ("gold" / "teacher" / "mixed"), ``student`` and ``teacher`` metric dicts (each with its own
+    ``peak_memory_mb`` and ``memory`` details from `distill.memprobe`), ``quality_retained``
     (student quality / teacher quality), ``speedup`` (teacher p50 latency / student p50),
-    ``cost_ratio`` (student cost / teacher cost per request), ``slices`` and ``problems``.
+    ``cost_ratio`` (student cost / teacher cost per request), ``slices``, ``problems``, and
+    ``process_peak_rss_mb`` (this process, both models together).
     """
     if not rows:
         raise ValueError("no inputs to evaluate")
@@ -294,12 +329,16 @@ def evaluate(
     result["reference"] = "gold" if gold == {True} else "teacher" if gold == {False} else "mixed"
     for who, runner in (("student", student), ("teacher", teacher)):
         result[who] = _model_summary(records, who, runner, cfg, name)
+    usable = [rows[r["index"]] for r in records]
     if hasattr(student, "throughput") and hasattr(teacher, "throughput"):
-        usable = [rows[r["index"]] for r in records]
         for who, runner in (("student", student), ("teacher", teacher)):
             result[who]["throughput_per_s"] = runner.throughput(usable)
             result[who]["throughput_note"] = "batch size 256"
-    # ru_maxrss is KiB on Linux, bytes on macOS; process-wide, so it bounds both models together.
+    # After all timing, so the probes' processes do not slow the measured requests.
+    longest = sorted(usable, key=_input_length, reverse=True)[: cfg.memory_inputs]
+    _memory(result, (("student", student), ("teacher", teacher)), longest, cfg, problems, progress)
+    # ru_maxrss is KiB on Linux, bytes on macOS. This process holds both models (and whatever ran
+    # before), so these bound the two together; per-model figures are each model's "peak_memory_mb".
     scale = 1 / 2**20 if sys.platform == "darwin" else 1 / 2**10
     result["process_peak_rss_mb"] = rss1 * scale
     result["process_peak_rss_growth_mb"] = (rss1 - rss0) * scale

@@ -11,7 +11,8 @@
 
 A runner answers one input at a time (``answer(row) -> Answer``) so each request has its own
 latency and its own failure: a request that fails is an `Answer` with ``error`` set, never an
-exception that stops the evaluation.
+exception that stops the evaluation. ``memory_spec()`` tells `distill.memprobe` how to reopen a
+runner's model in a child process (a dict), or why it cannot be measured there (a string).
 """
 
 from __future__ import annotations
@@ -82,6 +83,11 @@ class ClassifierRunner:
     def info(self) -> dict[str, Any]:
         params = sum(p.numel() for p in self.model.parameters())
         return {"name": self.name, "kind": self.kind, "params": params, "weights_mb": params * 4 / 2**20}
+
+    def memory_spec(self) -> dict[str, Any]:
+        """How `distill.memprobe` reopens this model in a child process (classifiers run on CPU)."""
+        return {"kind": self.kind, "model": str(self.path.resolve()), "device": "cpu",
+                "input_column": self.input_column}  # fmt: skip
 
     def features(self, row: Mapping[str, Any]) -> np.ndarray:
         """``(n_features,)`` float32 of ``row``; ``ValueError("reason: detail")`` when unusable."""
@@ -175,6 +181,25 @@ class TeacherRunner:
         )
         return {"name": self.name, "kind": self.kind, "params": params, "weights_mb": weights}
 
+    def memory_spec(self) -> dict[str, Any] | str:
+        """How `distill.memprobe` reopens this model in a child process, or why it cannot (a string)."""
+        model_dir = getattr(self.teacher, "model_dir", None)
+        model = getattr(self.teacher, "model", None)
+        if model_dir is None or not hasattr(model, "parameters"):
+            if type(self.teacher).__name__ == "APITeacher":
+                return "remote endpoint: not measurable here"
+            return f"{type(self.teacher).__name__} is not a local model directory: not measurable here"
+        from dataclasses import asdict
+
+        return {
+            "kind": self.kind,
+            "model": str(Path(model_dir).resolve()),
+            "device": str(getattr(self.teacher, "device", "cpu")),
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "settings": asdict(self.settings),
+            "input_column": self.input_column,
+        }
+
     def answer(self, row: Mapping[str, Any]) -> Answer:
         t0 = time.perf_counter()
         try:
@@ -225,6 +250,9 @@ class StoreRunner:
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "params": None, "weights_mb": None}
+
+    def memory_spec(self) -> str:
+        return "answers read from a store: no model runs here"
 
     def answer(self, row: Mapping[str, Any]) -> Answer:
         rec = self.by_id.get(str(row["id"])) if row.get("id") is not None else None

@@ -45,6 +45,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--top-logprobs", type=int, default=5, help="top-k log-probs requested per token (default 5)"
     )
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N inputs")
+    p.add_argument(
+        "--no-memory",
+        dest="memory",
+        action="store_false",
+        help="skip the per-model peak-memory probe (a child process per local model, a few seconds each)",
+    )
+    p.add_argument(
+        "--memory-inputs",
+        type=int,
+        default=4,
+        help="how many of the longest evaluated inputs the memory probe runs (default 4)",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
 
 
@@ -54,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
         reference_column=args.reference_column,
         slice_column=args.slice_column,
         first_line=args.first_line,
+        memory=args.memory,
+        memory_inputs=args.memory_inputs,
     )
     prices = load_prices(args.prices) if args.prices else None
     rows = read_table(args.inputs)
