@@ -191,6 +191,8 @@ def probe_memory(
     spec = spec_of() if spec_of is not None else f"{type(runner).__name__}: no memory_spec, not measurable"
     if isinstance(spec, str):
         return {"peak_memory_mb": None, "reason": spec}
+    if not Path(spec["model"]).exists():  # moved or deleted since it was loaded: no child needed to say so
+        return {"peak_memory_mb": None, "error": f"model directory {spec['model']} no longer exists"}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="distill-memprobe-") as tmp:
         path = Path(tmp) / "spec.json"

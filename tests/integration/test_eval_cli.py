@@ -52,8 +52,17 @@ def test_eval_cli_writes_json_html_and_prints_summary(digits, tmp_path, capsys):
     assert rep["n_evaluated"] == 100 and rep["teacher"]["cost_per_1m_requests"] is None
     assert rep["student"]["cost_per_1m_requests"] > 0
     assert any("no price for the teacher" in p for p in rep["problems"])
-    assert (out / "report.html").read_text().count("data:image/png;base64,") == 3
-    assert "quality_retained" in capsys.readouterr().out
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3
+    printed = capsys.readouterr().out
+    assert "quality_retained" in printed
+    # Peak memory per model, each measured alone in a child process (on by default).
+    s_mem, t_mem = rep["student"]["memory"], rep["teacher"]["memory"]
+    assert 0 < rep["student"]["peak_memory_mb"] == s_mem["rss_growth_mb"]
+    assert 0 < rep["teacher"]["peak_memory_mb"] == t_mem["rss_growth_mb"]
+    assert s_mem["peak_rss_mb"] > s_mem["baseline_rss_mb"] > 0 and t_mem["n_inputs"] == 4
+    assert "peak memory over runtime baseline, MB" in printed and "peak memory over runtime" in page
+    assert rep["process_peak_rss_mb"] > 0
     assert main([*argv, "--out", str(out), "--metric", "nope:fn"]) == 2
     assert "nope" in capsys.readouterr().err
 
@@ -136,8 +145,9 @@ def test_eval_cli_reads_csv_inputs_with_vectors_as_json_text(digits, tmp_path):
         "--inputs",
         str(path),
     ]
-    assert main([*argv, "--out", str(out)]) == 0
+    assert main([*argv, "--out", str(out), "--no-memory"]) == 0
     rep = json.loads((out / "report.json").read_text())
+    assert rep["student"]["peak_memory_mb"] is None and "switched off" in rep["teacher"]["memory"]["reason"]
     assert rep["n_inputs"] == 31 and rep["n_evaluated"] == 30
     assert rep["excluded"]["by_reason"]["student: input not numeric"]["count"] == 1
     # CSV labels are text ("3"), predictions are ints: compared as text, so accuracy is real.

@@ -9,6 +9,7 @@ import pytest
 
 from distill.cli import main
 from distill.evaluate import EvalConfig, evaluate
+from distill.memprobe import probe_memory
 from distill.runners import TeacherRunner, open_model
 from distill.teachers.base import GenerationSettings
 from faultproxy import FaultProxy
@@ -28,7 +29,7 @@ def server(tiny_lm_dir):
 def local(tiny_lm_dir, tiny_student_dir):
     student = open_model(str(tiny_student_dir), "student", settings=SETTINGS)
     teacher = open_model(str(tiny_lm_dir), "teacher", settings=SETTINGS)
-    return student, evaluate(student, teacher, ROWS, progress=False)
+    return student, evaluate(student, teacher, ROWS, EvalConfig(memory=False), progress=False)
 
 
 def _same_answers(a, b):
@@ -49,6 +50,13 @@ def test_http_teacher_gives_the_local_teachers_numbers(server, local, tiny_stude
     assert got["n_evaluated"] == len(ROWS) and got["teacher"]["name"] == server
     _same_answers(got, expected)
     assert got["teacher"]["latency_ms"]["p50"] > 0
+    # Peak memory: the local student is measured in its own process, the endpoint cannot be.
+    assert got["teacher"]["peak_memory_mb"] is None
+    assert got["teacher"]["memory"]["reason"] == "remote endpoint: not measurable here"
+    assert "teacher peak memory: remote endpoint: not measurable here" in got["problems"]
+    s_mem = got["student"]["memory"]
+    assert 0 < got["student"]["peak_memory_mb"] == s_mem["rss_growth_mb"] < s_mem["peak_rss_mb"]
+    assert s_mem["n_inputs"] == 4 and "transformers" in s_mem["method"]
 
 
 @pytest.mark.slow
@@ -58,7 +66,7 @@ def test_teacher_endpoint_failing_mid_run_is_counted_not_fatal(server, local):
     student, _ = local
     with FaultProxy(server.rsplit("/v1", 1)[0], rate=0.4, kinds=("500",), seed=3) as proxy:
         teacher = TeacherRunner(APITeacher(proxy.url + "/v1", max_retries=0), "proxied", SETTINGS)
-        result = evaluate(student, teacher, ROWS, EvalConfig(), progress=False)
+        result = evaluate(student, teacher, ROWS, EvalConfig(memory=False), progress=False)
     failed = proxy.faults["500"]
     assert 0 < failed < len(ROWS)
     assert result["n_evaluated"] == len(ROWS) - failed
@@ -74,11 +82,15 @@ def test_store_answers_stand_in_for_the_teacher(tiny_lm_dir, local, tmp_path):
     prompts.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:8]))
     generate(HFTeacher(tiny_lm_dir), prompts, tmp_path / "store", settings=SETTINGS, progress=False)
     teacher = open_model(str(tmp_path / "store"), "teacher")
-    result = evaluate(student, teacher, ROWS, progress=False)
+    result = evaluate(student, teacher, ROWS, EvalConfig(memory=False), progress=False)
     # Two inputs were never generated: counted, not dropped silently.
     assert result["excluded"]["by_reason"]["teacher: not in store"]["count"] == 2
     assert [r["teacher"] for r in result["per_input"]] == [r["teacher"] for r in expected["per_input"][:8]]
     assert result["teacher"]["latency_ms"] is None and result["speedup"] is None
     assert result["student"]["kl_to_teacher"] is not None
+    assert probe_memory(teacher, ROWS) == {
+        "peak_memory_mb": None,
+        "reason": "answers read from a store: no model runs here",
+    }
     with pytest.raises(ValueError, match="only stand in for the teacher"):
         open_model(str(tmp_path / "store"), "student")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 import numpy as np
@@ -11,6 +12,7 @@ from sklearn.metrics import f1_score
 
 from distill.classifier import mlp, save_classifier
 from distill.evaluate import EvalConfig, evaluate
+from distill.memprobe import probe_memory
 from distill.metrics import (
     calibration_error,
     exact_match,
@@ -19,8 +21,10 @@ from distill.metrics import (
     topk_kl,
 )
 from distill.prices import load_prices
-from distill.runners import open_model
+from distill.runners import ClassifierRunner, TeacherRunner, open_model
 from training_helpers import fit_full_batch
+
+NO_MEMORY = EvalConfig(memory=False)  # the memory probe has its own tests below: it costs seconds per model
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +57,7 @@ def test_classifier_numbers_match_direct_computation(digits_models, tmp_path):
         open_model(str(root / "student"), "student"),
         open_model(str(root / "teacher"), "teacher"),
         rows,
-        EvalConfig(slice_column="group"),
+        EvalConfig(slice_column="group", memory=False),
         load_prices(prices),
         progress=False,
     )
@@ -96,6 +100,7 @@ def test_bad_inputs_are_counted_with_reasons_never_dropped_silently(digits_model
         open_model(str(root / "student"), "student"),
         open_model(str(root / "teacher"), "teacher"),
         bad,
+        NO_MEMORY,
         progress=False,
     )
     assert result["n_inputs"] == 23 and result["n_evaluated"] == 20
@@ -119,7 +124,7 @@ def test_user_metric_that_raises_is_counted_per_input(digits_models, tmp_path, m
         open_model(str(root / "student"), "student"),
         open_model(str(root / "teacher"), "teacher"),
         rows,
-        EvalConfig(metric="my_metrics:picky"),
+        EvalConfig(metric="my_metrics:picky", memory=False),
         progress=False,
     )
     threes = sum(r["label"] == 3 for r in rows)
@@ -172,7 +177,7 @@ def test_lm_eval_against_directly_generated_answers(tiny_lm_dir, tiny_student_di
         r["answer"] = t_text[i] if i % 2 == 0 else "zzz not this"
     student = open_model(str(tiny_student_dir), "student", settings=settings)
     teacher = open_model(str(tiny_lm_dir), "teacher", settings=settings)
-    result = evaluate(student, teacher, rows, EvalConfig(slice_column="kind"), progress=False)
+    result = evaluate(student, teacher, rows, EvalConfig(slice_column="kind", memory=False), progress=False)
     s, t = result["student"], result["teacher"]
     norm = [" ".join(x.split()) for x in s_text]
     assert t["exact_match"] == 0.5
@@ -186,7 +191,7 @@ def test_lm_eval_against_directly_generated_answers(tiny_lm_dir, tiny_student_di
     assert {x["slice"] for x in result["slices"]} == {"a", "b"}
 
     # The teacher against itself: identical answers, zero KL, everything retained.
-    same = evaluate(teacher, teacher, rows, progress=False)
+    same = evaluate(teacher, teacher, rows, NO_MEMORY, progress=False)
     assert same["student"]["agreement"] == 1.0
     assert same["student"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-9)
     assert same["quality_retained"] == pytest.approx(1.0)
@@ -199,9 +204,66 @@ def test_lm_eval_counts_too_long_inputs(tiny_lm_dir, tiny_student_dir):
     rows = _lm_rows(3) + [{"id": "long", "prompt": "Invoice 0001 " * 400}, {"id": "empty", "prompt": "  "}]
     student = open_model(str(tiny_student_dir), "student", settings=settings)
     teacher = open_model(str(tiny_lm_dir), "teacher", settings=settings)
-    result = evaluate(student, teacher, rows, progress=False)
+    result = evaluate(student, teacher, rows, NO_MEMORY, progress=False)
     by = result["excluded"]["by_reason"]
     assert result["n_evaluated"] == 3
     assert by["student: input too long"]["examples"][0]["id"] == "long"
     assert by["teacher: unusable input"]["count"] == 1
     assert result["reference"] == "teacher"
+
+
+# ------------------------------------------------------------------------------------- peak memory
+
+
+def test_memory_probe_separates_a_big_model_from_a_small_one(tmp_path):
+    big = ClassifierRunner(save_classifier(mlp([64, 3000, 3000, 10], seed=0), tmp_path / "big"))
+    small = ClassifierRunner(save_classifier(mlp([64, 8, 10], seed=1), tmp_path / "small"))
+    rows = [{"id": f"r{i}", "x": [i / 10] * 64} for i in range(5)] + [{"id": "bad", "x": [1.0]}]
+    b, s = probe_memory(big, rows), probe_memory(small, rows)
+    for m in (b, s):
+        assert math.isfinite(m["peak_memory_mb"]) and m["peak_memory_mb"] > 0
+        assert (
+            m["peak_memory_mb"]
+            == m["rss_growth_mb"]
+            == pytest.approx(m["peak_rss_mb"] - m["baseline_rss_mb"])
+        )
+        # The baseline is the child's Python + torch, far above what these models need.
+        assert m["baseline_rss_mb"] > 50 and m["device"] == "cpu"
+        assert m["n_inputs"] == 5 and "wrong input size" in m["input_errors"][0]
+        assert m["input_ids"] == [r["id"] for r in rows]
+    weights = big.info()["weights_mb"] - small.info()["weights_mb"]  # ~35 MB
+    assert weights > 30
+    # Loading reads every weight into memory once at least (here twice: initialised, then loaded).
+    assert b["peak_memory_mb"] - s["peak_memory_mb"] >= 0.8 * weights
+    assert b["peak_memory_mb"] < 3 * big.info()["weights_mb"] + 30  # the parent's models are not counted
+
+
+def test_memory_probe_failure_is_reported_and_the_evaluation_stands(digits_models, tmp_path):
+    import shutil
+
+    root, *_, rows = digits_models
+    for who in ("student", "teacher"):
+        shutil.copytree(root / who, tmp_path / who)
+    student = open_model(str(tmp_path / "student"), "student")
+    teacher = open_model(str(tmp_path / "teacher"), "teacher")
+    shutil.rmtree(tmp_path / "student")  # gone: caught before a child starts
+    (tmp_path / "teacher" / "model.safetensors").write_bytes(b"not safetensors")  # the child fails loading
+    result = evaluate(student, teacher, rows[:40], EvalConfig(memory_inputs=2), progress=False)
+    assert result["n_evaluated"] == 40 and result["student"]["accuracy"] > 0
+    s, t = result["student"], result["teacher"]
+    assert s["peak_memory_mb"] is None and "no longer exists" in s["memory"]["error"]
+    assert t["peak_memory_mb"] is None and t["memory"]["error"].startswith("probe exited with 1")
+    assert sum("peak memory: probe failed" in p for p in result["problems"]) == 2
+    with pytest.raises(ValueError, match="memory_inputs must be >= 1, got 0"):
+        EvalConfig(memory_inputs=0)
+
+
+def test_remote_teacher_memory_is_none_with_a_reason():
+    from distill.teachers.api import APITeacher
+    from distill.teachers.base import GenerationSettings
+
+    runner = TeacherRunner(APITeacher("http://127.0.0.1:9/v1", model="m"), "remote", GenerationSettings())
+    assert probe_memory(runner, [{"prompt": "x"}]) == {
+        "peak_memory_mb": None,
+        "reason": "remote endpoint: not measurable here",
+    }
