@@ -95,6 +95,13 @@ def _preload(spec: Mapping[str, Any]) -> None:
 
     import distill.teachers.hf  # noqa: F401
 
+    with (
+        torch.inference_mode()
+    ):  # a decoder's first attention / activation calls set up their kernels (~3 MB)
+        q = torch.ones(1, 2, 5, 16)
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+        torch.topk(torch.nn.functional.silu(q) * torch.rsqrt(q.pow(2).mean(-1, keepdim=True)), 2)
+
     try:  # the architecture's module (modeling_llama, ...): code, not the model's memory
         MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(spec["model"]))]
     except Exception:  # an unknown architecture fails at load time with a clear message instead
@@ -153,8 +160,8 @@ def measure(spec: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> dict[
         "input_errors": errors[:3],
         "probe_seconds": time.perf_counter() - t0,
         "method": (
-            "child process: RSS peak (VmHWM, reset after imports) minus RSS after importing torch"
-            + (" + transformers + the architecture" if spec["kind"] != "classifier" else "")
+            "child process: peak RSS (VmHWM, reset after imports and warm-up) minus the RSS then (Python + torch"
+            + (" + transformers + the architecture's code)" if spec["kind"] != "classifier" else ")")
             if reset
             else "child process: ru_maxrss (peak since start, import transients included) minus RSS after imports"
         ),
