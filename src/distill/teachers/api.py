@@ -7,12 +7,11 @@ that `distill serve` and vLLM add to each choice (``prompt_token_ids``, ``token_
 ``top_token_ids``); an endpoint without it yields text-only completions (no top-k), which the
 store keeps as black-box answers.
 
-HTTP is `http.client` with one keep-alive connection per (thread, endpoint) (`_Transport`): httpx
-cost ~1.4 ms of CPU per request under 32 threads (its pooled connections share one lock), which
-capped `generate` at ~87% of a 100 ms server's ideal rate at concurrency 32 on 2 cores (see
-docs/store.md); `http.client` costs ~0.3 ms. Retries live here and only here (the transport never
-retries): exponential backoff with full
-jitter on 429 (``Retry-After`` honoured), 5xx, malformed responses, timeouts and dropped
+HTTP is `http.client` with one keep-alive connection per (thread, endpoint) (`_Transport`, in
+`distill.teachers.http`): httpx cost ~1.4 ms of CPU per request under 32 threads (its pooled
+connections share one lock), which capped `generate` at ~87% of a 100 ms server's ideal rate at
+concurrency 32 on 2 cores (see docs/store.md); `http.client` costs ~0.3 ms. Retries live here and
+only here (the transport never retries): exponential backoff with full jitter on 429 (``Retry-After`` honoured), 5xx, malformed responses, timeouts and dropped
 connections; any other 4xx fails at once. Several base URLs (replicas of one model) share the
 load round-robin, and a retry moves to the next replica.
 
@@ -30,14 +29,12 @@ and the constructor checks it with one TLS handshake per https URL when ``model`
 
 from __future__ import annotations
 
-import email.utils
 import http.client
 import itertools
 import json
 import os
 import random
 import re
-import select
 import socket
 import ssl
 import threading
@@ -47,6 +44,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from distill.teachers.base import Completion, GenerationSettings, Request
+from distill.teachers.http import (
+    _error_text,
+    _retry_after,
+    _scrubber,
+    _tls_error,
+    _tls_is_permanent,
+    _Transport,
+    tls_context,
+)
 
 CAPTURE_TEMPERATURE = 1.0
 """OpenAI-style endpoints (and `distill serve`) return log-probabilities of the raw (T = 1) distribution."""
@@ -304,183 +310,6 @@ class APITeacher:
                 delay = max(delay, min(retry_after, self.max_retry_after))
             time.sleep(delay)
             attempt += 1
-
-
-def tls_context(
-    ca_bundle: str | os.PathLike[str] | None, *, where: str = "ca_bundle (--ca-bundle)"
-) -> ssl.SSLContext:
-    """A verifying TLS client context: the system store (which honours ``SSL_CERT_FILE``) when
-    ``ca_bundle`` is None, else only the CA certificates in that PEM file. ``where`` names the
-    value's origin in the `ValueError` for a missing file or one without a usable certificate.
-    Also usable as httpx's ``verify=``."""
-    if ca_bundle is None:
-        return ssl.create_default_context()
-    path = os.fspath(ca_bundle)
-    if not os.path.isfile(path):
-        raise ValueError(f"{where} {path!r} is not a file")
-    try:
-        return ssl.create_default_context(cafile=path)
-    except ssl.SSLError as err:  # a PEM-less or corrupt file: OpenSSL says which
-        raise ValueError(f"{where} {path!r} holds no usable PEM CA certificate ({err})") from None
-
-
-# OpenSSL's reasons when an https URL reaches a server that answers in plain HTTP (3.0; 3.2+).
-_NOT_TLS = frozenset(
-    {"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE"}
-)
-
-
-def _tls_is_permanent(err: ssl.SSLError) -> bool:
-    """A TLS failure that a retry cannot fix: an unverifiable certificate, or no TLS server at all."""
-    return isinstance(err, ssl.SSLCertVerificationError) or err.reason in _NOT_TLS
-
-
-def _tls_error(url: str, err: ssl.SSLError) -> str:
-    if not isinstance(err, ssl.SSLCertVerificationError):
-        return f"{url} did not answer with TLS ({err.reason}); is it a plain http:// endpoint?"
-    why = err.verify_message or str(err)
-    if "mismatch" in why:  # hostname / IP address mismatch: trusting another CA would not help
-        return (
-            f"TLS certificate of {url} could not be verified ({why}); use a host name or address "
-            "the certificate was issued for"
-        )
-    return (
-        f"TLS certificate of {url} could not be verified ({why}); if the server uses a private CA, "
-        "trust it with --ca-bundle PATH (APITeacher(ca_bundle=PATH)) or the SSL_CERT_FILE environment "
-        "variable (a PEM file of CA certificates)"
-    )
-
-
-def _scrubber(secret: str):
-    """A function removing ``secret``, and any long piece of it (providers echo masked keys), from text."""
-
-    def scrub(text: str) -> str:
-        if not secret:
-            return text
-        text = text.replace(secret, "[redacted]")
-
-        def piece(m: re.Match) -> str:
-            parts = re.split(r"[.*]+", m.group())
-            return "[redacted]" if any(len(p) >= 6 and p in secret for p in parts) else m.group()
-
-        return re.sub(r"[\w\-.*]{6,}", piece, text)
-
-    return scrub
-
-
-def _error_text(payload: bytes) -> str:
-    try:
-        data = json.loads(payload)
-        err = data.get("error", data) if isinstance(data, dict) else data
-        msg = err.get("message", err) if isinstance(err, dict) else err
-        text = msg if isinstance(msg, str) else json.dumps(msg)
-    except ValueError:
-        text = payload.decode("utf-8", "replace")
-    return text[:300]
-
-
-class _Transport:
-    """HTTP/1.1 with keep-alive: one `http.client` connection per (thread, scheme, host, port);
-    https connections use ``tls`` (a verifying `ssl.SSLContext`; the system store when None).
-
-    ``request`` never retries (that is `APITeacher._send`'s job) and raises `TimeoutError`, `OSError`
-    or `http.client.HTTPException` on transport failures. ``timeout``: seconds for the connect and for
-    each read or write (httpx's meaning). ``max_connections``: requests in flight at once, over all
-    threads. A connection the server closed while idle is noticed before reuse and replaced, so it
-    costs no retry; a connection that failed mid-request is dropped."""
-
-    def __init__(
-        self,
-        headers: dict[str, str],
-        timeout: float,
-        max_connections: int,
-        tls: ssl.SSLContext | None = None,
-    ) -> None:
-        self._headers = headers
-        self._timeout = timeout
-        self._slots = threading.BoundedSemaphore(max_connections)
-        self._local = threading.local()
-        self._all: dict[http.client.HTTPConnection, threading.Thread] = {}  # for close()
-        self._lock = threading.Lock()
-        self._ssl = tls  # one context for all connections: OpenSSL reuses it (and its loaded CAs)
-
-    def __repr__(self) -> str:
-        return "_Transport(headers=[hidden])"
-
-    def _conn(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
-        conns = self._local.__dict__.setdefault("conns", {})
-        conn = conns.get((scheme, netloc))
-        if conn is not None and conn.sock is not None:
-            # Readable while idle means the server closed it (EOF) or sent junk: don't reuse it.
-            poll = select.poll()  # not select.select: it fails for descriptors >= 1024
-            poll.register(conn.sock, select.POLLIN)
-            if poll.poll(0):
-                self._drop(conns, (scheme, netloc))
-                conn = None
-        if conn is None or conn.sock is None:
-            if conn is not None:
-                self._drop(conns, (scheme, netloc))
-            if scheme == "https":
-                with self._lock:
-                    self._ssl = self._ssl or ssl.create_default_context()
-                conn = http.client.HTTPSConnection(netloc, timeout=self._timeout, context=self._ssl)
-            else:
-                conn = http.client.HTTPConnection(netloc, timeout=self._timeout)
-            conns[(scheme, netloc)] = conn
-            with self._lock:
-                # Threads come and go (one pool per `generate` run): close what dead ones left open.
-                dead = [c for c, t in self._all.items() if not t.is_alive()]
-                for c in dead:
-                    del self._all[c]
-                self._all[conn] = threading.current_thread()
-            for c in dead:
-                c.close()
-        return conn
-
-    def _drop(self, conns: dict, where: tuple[str, str]) -> None:
-        conn = conns.pop(where)
-        conn.close()
-        with self._lock:
-            self._all.pop(conn, None)
-
-    def request(self, method: str, url: str, body: dict[str, Any] | None):
-        """``(status, headers, body bytes)`` of one HTTP exchange (headers: case-insensitive ``get``)."""
-        parts = urlsplit(url)
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        data = None if body is None else json.dumps(body).encode("utf-8")
-        with self._slots:
-            conn = self._conn(parts.scheme, parts.netloc)
-            try:
-                conn.request(method, target, body=data, headers=self._headers)
-                resp = conn.getresponse()
-                payload = resp.read()
-            except BaseException:
-                self._drop(self._local.conns, (parts.scheme, parts.netloc))
-                raise
-            if resp.will_close:
-                self._drop(self._local.conns, (parts.scheme, parts.netloc))
-        return resp.status, resp.headers, payload
-
-    def close(self) -> None:
-        with self._lock:
-            conns, self._all = list(self._all), {}
-        for conn in conns:
-            conn.close()
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def _parse(rid: str, data: dict[str, Any], k: int, chat: bool) -> Completion:
