@@ -207,7 +207,10 @@ class RoutingPolicy:
 
     ``fallback_url``: OpenAI base URL of the teacher (``…/v1``); ``fallback_api_key``: sent as a
     Bearer token, never logged; ``fallback_model``: replaces the request's ``model`` field when
-    forwarding (servers such as vLLM check it); ``timeout``: seconds per fallback call.
+    forwarding (servers such as vLLM check it); ``timeout``: seconds per fallback call;
+    ``fallback_ca_bundle``: a PEM file of CA certificates trusted (instead of the system store) for an
+    https fallback behind a private CA; without it the system store, which honours ``SSL_CERT_FILE``.
+    Verification is never turned off.
     ``ood_scorer``: a fitted `distill.coverage.OODScorer` for a router with an OOD cut-off; by
     default the one the router file records (``router.ood_scorer_path_``) is loaded here and
     warmed up once, so a missing or broken scorer fails at start, not on the first request.
@@ -222,9 +225,16 @@ class RoutingPolicy:
         fallback_model: str | None = None,
         timeout: float = 120.0,
         ood_scorer: Any = None,
+        fallback_ca_bundle: str | None = None,
     ) -> None:
+        from distill.teachers.http import tls_context
+
         self.router = router
         self.fallback_url = check_fallback_url(fallback_url)
+        # Built (and the file checked) now: a bad bundle fails at start, not on the first fallback.
+        self._verify: Any = (
+            tls_context(fallback_ca_bundle, where="--fallback-ca-bundle") if fallback_ca_bundle else True
+        )
         self.fallback_model = fallback_model
         self._headers = {"authorization": f"Bearer {fallback_api_key}"} if fallback_api_key else {}
         self.timeout = timeout
@@ -305,7 +315,7 @@ class RoutingPolicy:
         ``reason`` (one of `REASONS`) is counted in ``/metrics`` and sent back in the
         ``x-distill-route-reason`` header."""
         if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self.timeout)
+            self._client = httpx.AsyncClient(timeout=self.timeout, verify=self._verify)
         if self.fallback_model is not None:
             body = {**body, "model": self.fallback_model}
         request = self._client.build_request(

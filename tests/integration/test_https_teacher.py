@@ -5,7 +5,8 @@ certificate (made with `cryptography`), a TLS-terminating `FaultProxy` in front 
 Checked: a trusted CA (``ca_bundle=`` / ``--ca-bundle`` or ``SSL_CERT_FILE``) works; an untrusted
 certificate fails at once, unretried, naming the URL and how to trust a CA, without the API key;
 keep-alive holds one TLS connection for many requests; a connection the server closed while idle
-is replaced without a retry; httpx (the serve router's fallback client) honours ``SSL_CERT_FILE``.
+is replaced without a retry; the serve router's fallback (httpx) trusts ``--fallback-ca-bundle``
+or ``SSL_CERT_FILE``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pytest
 
 from distill import store
 from distill.cli import main
-from distill.teachers.api import APIError, APITeacher, tls_context
+from distill.teachers.api import APIError, APITeacher
 from distill.teachers.base import GenerationSettings, Request
 from faultproxy import FaultProxy, make_test_pki
 from servers import running_server
@@ -232,23 +233,40 @@ def test_generate_cli_over_https(tls_proxy, pki, model, tmp_path, capsys, monkey
             assert CANARY.encode() not in path.read_bytes(), path
 
 
-def test_httpx_fallback_client_honours_ssl_cert_file(tls_proxy, pki, tmp_path, monkeypatch):
-    """The serve router's fallback uses ``httpx.AsyncClient(timeout=...)``: SSL_CERT_FILE trusts a CA;
-    so does ``verify=tls_context(PEM)`` (what a ``--fallback-ca-bundle`` flag would pass)."""
+def test_serve_router_fallback_over_https(tls_proxy, pki, model, tmp_path, monkeypatch):
+    """The serve router's fallback (`RoutingPolicy.forward`, httpx) to a teacher behind TLS: with
+    ``fallback_ca_bundle`` (``--fallback-ca-bundle``) it answers; with neither it nor SSL_CERT_FILE
+    the client gets a 502 naming the URL, counted; SSL_CERT_FILE alone works; a bad bundle fails at
+    construction, before any request."""
+    from distill.routing import Router
+    from distill.serve_router import REASON_HEADER, ROUTE_HEADER, RoutingPolicy
 
-    async def get(url: str, **kw) -> int:
-        async with httpx.AsyncClient(timeout=10.0, **kw) as client:
-            return (await client.get(url)).status_code
+    router = Router(0.99, "mean_logprob").fit(
+        {"mean_logprob": [-0.1, -3.0], "student_quality": [1.0, 0.0], "teacher_quality": [1.0, 1.0]}
+    )
+    body = {"model": model, "prompt": "Invoice 0001 from", "max_tokens": 3, "temperature": 0}
+    fallback = tls_proxy.url + "/v1"
 
-    url = tls_proxy.url + "/v1/models"
+    async def forward(policy: RoutingPolicy):
+        try:
+            return await policy.forward("/completions", body, False, time.perf_counter())
+        finally:
+            await policy.aclose()
+
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
-    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
-        asyncio.run(get(url))
-    assert asyncio.run(get(url, verify=tls_context(pki.ca_cert))) == 200
-    with pytest.raises(ValueError, match="--fallback-ca-bundle .* is not a file"):
-        tls_context(tmp_path / "nope.pem", where="--fallback-ca-bundle")
+    ok = asyncio.run(forward(RoutingPolicy(router, fallback, fallback_ca_bundle=str(pki.ca_cert))))
+    assert ok.status_code == 200 and ok.headers[ROUTE_HEADER] == "teacher"
+    assert json.loads(ok.body)["choices"][0]["text"]
+    untrusted = RoutingPolicy(router, fallback)
+    failed = asyncio.run(forward(untrusted))
+    assert failed.status_code == 502 and failed.headers[REASON_HEADER] == "confidence"
+    assert fallback in json.loads(failed.body)["error"]["message"]
+    assert "distill_fallback_errors_total 1" in untrusted.metrics.render()
     monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca_cert))
-    assert asyncio.run(get(url)) == 200
+    assert asyncio.run(forward(RoutingPolicy(router, fallback))).status_code == 200
+    with pytest.raises(ValueError, match="--fallback-ca-bundle .* is not a file"):
+        RoutingPolicy(router, fallback, fallback_ca_bundle=str(tmp_path / "nope.pem"))
+    assert main(["serve", str(tmp_path), "--fallback-ca-bundle", str(pki.ca_cert)]) == 2  # needs --router
 
 
 def test_plain_http_still_works(server, model):

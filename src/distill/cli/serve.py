@@ -57,6 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="model name put in forwarded requests (default: the client's, unchanged)",
     )
+    parser.add_argument(
+        "--fallback-ca-bundle",
+        metavar="PEM",
+        default=None,
+        help="CA certificates (PEM) trusted for an https fallback behind a private CA, instead of the "
+        "system store (which honours SSL_CERT_FILE)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -117,6 +124,7 @@ def _routing(args: argparse.Namespace):
         for flag, value in (
             ("--fallback-api-key-env", args.fallback_api_key_env),
             ("--fallback-model", args.fallback_model),
+            ("--fallback-ca-bundle", args.fallback_ca_bundle),
         ):
             if value is not None:
                 raise ValueError(f"{flag} needs --router and --fallback")
@@ -136,4 +144,10 @@ def _routing(args: argparse.Namespace):
             raise ValueError(
                 f"--fallback-api-key-env {args.fallback_api_key_env}: that environment variable is not set or empty"
             )
-    return RoutingPolicy(router, url, fallback_api_key=key, fallback_model=args.fallback_model)
+    return RoutingPolicy(
+        router,
+        url,
+        fallback_api_key=key,
+        fallback_model=args.fallback_model,
+        fallback_ca_bundle=args.fallback_ca_bundle,
+    )
