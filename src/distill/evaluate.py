@@ -264,6 +264,11 @@ def _memory(result, runners, rows, cfg: EvalConfig, problems: list[str], progres
                 problems.append(f"{who} peak memory: probe failed: {mem['error']}")
             elif cfg.memory and mem["peak_memory_mb"] is None:
                 problems.append(f"{who} peak memory: {mem['reason']}")
+            elif mem.get("n_inputs") == 0:
+                errors = "; ".join(mem.get("input_errors", []))
+                problems.append(
+                    f"{who} peak memory: loading only, the probe answered none of its inputs ({errors})"
+                )
 
 
 def _costs(result: dict[str, Any], prices: Prices | None, problems: list[str]) -> None:
