@@ -511,18 +511,4 @@ def _progress(console, *, enabled: bool):
     )
 
 
-def perplexity_loss(model, batch) -> float:
-    """Mean cross-entropy per counted token of ``model`` on a collated ``batch`` (nats); for evaluation."""
-    with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        labels = batch["labels"][:, 1:]
-        ce = F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]),
-            labels.reshape(-1),
-            ignore_index=IGNORE,
-            reduction="sum",
-        )
-        return float(ce) / max(int((labels != IGNORE).sum()), 1)
-
-
-__all__ = ["train", "TrainResult", "accumulate_gradients", "perplexity_loss"]
+__all__ = ["train", "TrainResult", "accumulate_gradients"]
