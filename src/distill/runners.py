@@ -289,6 +289,12 @@ def is_classifier_dir(path: Path) -> bool:
         return False
 
 
+def check_ca_bundle(ca_bundle: str | None, *specs: str) -> None:
+    """``--ca-bundle`` only means something for an http(s) model: refused otherwise, before any work."""
+    if ca_bundle is not None and not any(s.startswith(("http://", "https://")) for s in specs):
+        raise ValueError(f"--ca-bundle {ca_bundle}: none of {', '.join(specs)} is an http(s) URL")
+
+
 def open_model(
     spec: str,
     role: str,
@@ -296,10 +302,12 @@ def open_model(
     settings: Any = None,
     input_column: str | None = None,
     api_key_env: str | None = None,
+    ca_bundle: str | None = None,
 ) -> Runner:
     """A runner for ``spec`` (see the module docstring); ``role`` ("student"/"teacher") names it in errors.
 
-    ``api_key_env``: NAME of the environment variable holding an HTTP endpoint's key (never the key)."""
+    ``api_key_env``: NAME of the environment variable holding an HTTP endpoint's key (never the key).
+    ``ca_bundle``: PEM file of CA certificates trusted for an https endpoint (`APITeacher`'s)."""
     from distill.teachers.base import GenerationSettings
 
     settings = settings or GenerationSettings(max_new_tokens=32, top_logprobs=5)
@@ -308,7 +316,13 @@ def open_model(
             from distill.teachers.api import APITeacher
         except ImportError as err:
             raise ValueError(f"--{role} {spec}: HTTP models need distill.teachers.api ({err})") from None
-        return TeacherRunner(APITeacher(spec, api_key_env=api_key_env), spec, settings, input_column)
+        from distill.teachers.api import APIError
+
+        try:  # the constructor reaches the endpoint (model lookup, TLS check): fail here, before work
+            teacher = APITeacher(spec, api_key_env=api_key_env, ca_bundle=ca_bundle)
+        except APIError as err:
+            raise ValueError(f"--{role} {spec}: {err}") from None
+        return TeacherRunner(teacher, spec, settings, input_column)
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"--{role}: no such model directory or URL: {spec}")

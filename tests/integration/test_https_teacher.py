@@ -286,3 +286,62 @@ def test_ca_bundle_with_a_local_teacher_is_refused(tiny_lm_dir, pki, tmp_path, c
     args = ["generate", "--teacher", str(tiny_lm_dir), "--prompts", str(prompts)]
     assert main([*args, "--out", str(tmp_path / "s"), "--ca-bundle", str(pki.ca_cert)]) == 2
     assert "--ca-bundle" in capsys.readouterr().err and not (tmp_path / "s").exists()
+
+
+def test_eval_and_route_fit_with_an_https_teacher(
+    tls_proxy, pki, tiny_student_dir, tmp_path, capsys, monkeypatch
+):
+    """`distill eval --ca-bundle` and `distill route fit --ca-bundle` reach a teacher behind a private
+    CA; without a way to trust it, eval stops with one line naming the URL; a bundle with only local
+    models is refused before any work."""
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    inputs = tmp_path / "inputs.jsonl"
+    inputs.write_text(
+        "".join(json.dumps({"id": f"r{i}", "prompt": f"Invoice {i:04d} from"}) + "\n" for i in range(6))
+    )
+    url = tls_proxy.url + "/v1"
+    common = [
+        "--student",
+        str(tiny_student_dir),
+        "--teacher",
+        url,
+        "--inputs",
+        str(inputs),
+        "--max-new-tokens",
+        "3",
+    ]
+    out = tmp_path / "eval"
+    assert (
+        main(
+            [
+                "eval",
+                *common,
+                "--out",
+                str(out),
+                "--ca-bundle",
+                str(pki.ca_cert),
+                "--no-memory",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert report["n_evaluated"] == 6 and report["excluded"]["total"] == 0
+    router = tmp_path / "router.json"
+    assert (
+        main(
+            ["route", "fit", *common, "--out", str(router), "--ca-bundle", str(pki.ca_cert), "--no-progress"]
+        )
+        == 0
+    )
+    fitted = json.loads(router.with_suffix(".report.json").read_text())
+    assert fitted["n_answered"] == 6  # both models answered every input, the teacher over TLS
+    capsys.readouterr()
+    assert main(["eval", *common, "--out", str(tmp_path / "eval2"), "--no-memory", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert url in err and "certificate" in err and "Traceback" not in err
+    local = ["--student", str(tiny_student_dir), "--teacher", str(tiny_student_dir), "--inputs", str(inputs)]
+    assert main(["eval", *local, "--out", str(tmp_path / "e3"), "--ca-bundle", str(pki.ca_cert)]) == 2
+    assert "is an http(s) URL" in capsys.readouterr().err
+    assert not (tmp_path / "e3").exists()

@@ -8,7 +8,7 @@ from distill.data import read_table
 from distill.eval_report import print_summary, write_reports
 from distill.evaluate import EvalConfig, evaluate
 from distill.prices import load_prices
-from distill.runners import open_model
+from distill.runners import check_ca_bundle, open_model
 from distill.teachers.base import GenerationSettings
 
 
@@ -33,6 +33,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--input-column", default=None, help="input column (default: prompt/messages, or x for classifiers)"
     )
     p.add_argument("--teacher-api-key-env", default=None, help="NAME of the env variable holding the API key")
+    p.add_argument(
+        "--ca-bundle",
+        metavar="PEM",
+        default=None,
+        help="CA certificates trusted for https models behind a private CA (default: system store, "
+        "which honours SSL_CERT_FILE)",
+    )
     p.add_argument("--reference-column", default=None, help="gold-answer column (default: label/answer/...)")
     p.add_argument(
         "--slice-column", default=None, help="column to break results down by (default: input length)"
@@ -74,13 +81,17 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None:
         rows = rows[: args.limit]
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, top_logprobs=args.top_logprobs)
-    student = open_model(args.student, "student", settings=settings, input_column=args.input_column)
+    check_ca_bundle(args.ca_bundle, args.student, args.teacher)
+    student = open_model(
+        args.student, "student", settings=settings, input_column=args.input_column, ca_bundle=args.ca_bundle
+    )
     teacher = open_model(
         args.teacher,
         "teacher",
         settings=settings,
         input_column=args.input_column,
         api_key_env=args.teacher_api_key_env,
+        ca_bundle=args.ca_bundle,
     )
     result = evaluate(student, teacher, rows, cfg, prices, progress=args.progress)
     files = write_reports(result, args.out)

@@ -45,6 +45,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     fit.add_argument("--first-line", action="store_true", help="compare only the first line of text answers")
     fit.add_argument("--max-new-tokens", type=int, default=32, help="generation limit for language models")
+    fit.add_argument(
+        "--teacher-api-key-env", default=None, help="NAME of the env variable holding the API key"
+    )
+    fit.add_argument("--ca-bundle", metavar="PEM", default=None, help="CA certificates for https models")
     fit.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     show = sub.add_parser("show", help="print a saved router's trade-off curve")
     show.add_argument("router", help="router JSON file")
@@ -80,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     from distill.prices import load_prices
     from distill.report import print_table, write_json
     from distill.route_fit import calibrate_on_models
-    from distill.runners import open_model
+    from distill.runners import check_ca_bundle, open_model
     from distill.teachers.base import GenerationSettings
 
     router = Router(
@@ -95,8 +99,18 @@ def run(args: argparse.Namespace) -> int:
         train_texts, _, _ = texts_from_rows(read_table(args.train), args.input_column, args.train)
         scorer = OODScorer(embedder=args.embedder).fit(train_texts)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, top_logprobs=5)
-    student = open_model(args.student, "student", settings=settings, input_column=args.input_column)
-    teacher = open_model(args.teacher, "teacher", settings=settings, input_column=args.input_column)
+    check_ca_bundle(args.ca_bundle, args.student, args.teacher)
+    student = open_model(
+        args.student, "student", settings=settings, input_column=args.input_column, ca_bundle=args.ca_bundle
+    )
+    teacher = open_model(
+        args.teacher,
+        "teacher",
+        settings=settings,
+        input_column=args.input_column,
+        api_key_env=args.teacher_api_key_env,
+        ca_bundle=args.ca_bundle,
+    )
     report = calibrate_on_models(
         router, student, teacher, rows, eval_cfg=cfg, holdout=args.holdout, seed=args.seed,
         ood_scorer=scorer, text_column=args.input_column, prices=prices, progress=args.progress,
