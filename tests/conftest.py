@@ -47,3 +47,23 @@ def tiny_student_dir(tmp_path_factory, tiny_tokenizer):
 
     model = tiny_causal_lm(len(tiny_tokenizer), n_layer=1, n_embd=32, n_head=2, seed=1)
     return save_tiny(model, tiny_tokenizer, tmp_path_factory.mktemp("tiny_student"))
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_server(tiny_lm_dir):
+    """A plain `distill serve` of ``tiny_lm_dir`` on 127.0.0.1 (no API key): its ``.../v1`` base URL.
+
+    One for the whole test session: starting a server costs ~10 s, and tests that need their own
+    settings (a key, limits, a router) start their own with `servers.running_server`."""
+    from servers import running_server
+
+    with running_server(tiny_lm_dir) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_model_id(tiny_lm_server) -> str:
+    """The model id ``tiny_lm_server`` reports at ``/v1/models``."""
+    import httpx
+
+    return httpx.get(tiny_lm_server + "/models").json()["data"][0]["id"]

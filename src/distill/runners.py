@@ -289,12 +289,6 @@ def is_classifier_dir(path: Path) -> bool:
         return False
 
 
-def check_ca_bundle(ca_bundle: str | None, *specs: str) -> None:
-    """``--ca-bundle`` only means something for an http(s) model: refused otherwise, before any work."""
-    if ca_bundle is not None and not any(s.startswith(("http://", "https://")) for s in specs):
-        raise ValueError(f"--ca-bundle {ca_bundle}: none of {', '.join(specs)} is an http(s) URL")
-
-
 def open_model(
     spec: str,
     role: str,
@@ -337,3 +331,22 @@ def open_model(
 
         return TeacherRunner(HFTeacher(path, batch_size=1), path.name, settings, input_column)
     raise ValueError(f"--{role} {spec}: expected a model directory or an http(s) URL")
+
+
+def open_pair(
+    student: str,
+    teacher: str,
+    *,
+    settings: Any = None,
+    input_column: str | None = None,
+    api_key_env: str | None = None,
+    ca_bundle: str | None = None,
+) -> tuple[Runner, Runner]:
+    """(student runner, teacher runner), as `distill eval` and `distill route fit` open them.
+
+    ``api_key_env`` is the teacher's; ``ca_bundle`` applies to whichever is an https endpoint and is
+    refused, before anything loads, when neither is an http(s) URL."""
+    if ca_bundle is not None and not any(s.startswith(("http://", "https://")) for s in (student, teacher)):
+        raise ValueError(f"--ca-bundle {ca_bundle}: neither {student} nor {teacher} is an http(s) URL")
+    kw = {"settings": settings, "input_column": input_column, "ca_bundle": ca_bundle}
+    return open_model(student, "student", **kw), open_model(teacher, "teacher", api_key_env=api_key_env, **kw)

@@ -13,16 +13,14 @@ from distill.memprobe import probe_memory
 from distill.runners import TeacherRunner, open_model
 from distill.teachers.base import GenerationSettings
 from faultproxy import FaultProxy
-from servers import running_server
 
 SETTINGS = GenerationSettings(max_new_tokens=4, top_logprobs=3)
 ROWS = [{"id": f"p{i}", "prompt": f"Invoice {i:04d} from Acme Ltd: total"} for i in range(10)]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_lm_dir):
-    with running_server(tiny_lm_dir) as base_url:
-        yield base_url
+def server(tiny_lm_server):
+    return tiny_lm_server
 
 
 @pytest.fixture(scope="module")

@@ -59,16 +59,13 @@ def cli(args: list[str], **kw) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_lm_dir):
-    with running_server(tiny_lm_dir) as url:
-        yield url
+def server(tiny_lm_server):
+    return tiny_lm_server
 
 
 @pytest.fixture(scope="module")
-def model(server) -> str:
-    import httpx
-
-    return httpx.get(server + "/models").json()["data"][0]["id"]
+def model(tiny_lm_model_id) -> str:
+    return tiny_lm_model_id
 
 
 def stamp(path: Path):

@@ -15,7 +15,6 @@ import asyncio
 import json
 import time
 
-import httpx
 import pytest
 
 from distill import store
@@ -23,21 +22,19 @@ from distill.cli import main
 from distill.teachers.api import APIError, APITeacher
 from distill.teachers.base import GenerationSettings, Request
 from faultproxy import FaultProxy, make_test_pki
-from servers import running_server
 
 CANARY = "sk-canary-tls-7f3a9c21e5"  # must appear in no error text
 SETTINGS = GenerationSettings(max_new_tokens=4, top_logprobs=3)
 
 
 @pytest.fixture(scope="module")
-def server(tiny_lm_dir):
-    with running_server(tiny_lm_dir) as url:
-        yield url
+def server(tiny_lm_server):
+    return tiny_lm_server
 
 
 @pytest.fixture(scope="module")
-def model(server) -> str:
-    return httpx.get(server + "/models").json()["data"][0]["id"]
+def model(tiny_lm_model_id) -> str:
+    return tiny_lm_model_id
 
 
 @pytest.fixture(scope="module")
@@ -343,5 +340,5 @@ def test_eval_and_route_fit_with_an_https_teacher(
     assert url in err and "certificate" in err and "Traceback" not in err
     local = ["--student", str(tiny_student_dir), "--teacher", str(tiny_student_dir), "--inputs", str(inputs)]
     assert main(["eval", *local, "--out", str(tmp_path / "e3"), "--ca-bundle", str(pki.ca_cert)]) == 2
-    assert "is an http(s) URL" in capsys.readouterr().err
+    assert "is an http(s) URL" in capsys.readouterr().err  # neither model is remote
     assert not (tmp_path / "e3").exists()

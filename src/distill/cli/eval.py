@@ -8,7 +8,7 @@ from distill.data import read_table
 from distill.eval_report import print_summary, write_reports
 from distill.evaluate import EvalConfig, evaluate
 from distill.prices import load_prices
-from distill.runners import check_ca_bundle, open_model
+from distill.runners import open_pair
 from distill.teachers.base import GenerationSettings
 
 
@@ -81,13 +81,9 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None:
         rows = rows[: args.limit]
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, top_logprobs=args.top_logprobs)
-    check_ca_bundle(args.ca_bundle, args.student, args.teacher)
-    student = open_model(
-        args.student, "student", settings=settings, input_column=args.input_column, ca_bundle=args.ca_bundle
-    )
-    teacher = open_model(
+    student, teacher = open_pair(
+        args.student,
         args.teacher,
-        "teacher",
         settings=settings,
         input_column=args.input_column,
         api_key_env=args.teacher_api_key_env,

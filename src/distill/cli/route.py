@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     from distill.prices import load_prices
     from distill.report import print_table, write_json
     from distill.route_fit import calibrate_on_models
-    from distill.runners import check_ca_bundle, open_model
+    from distill.runners import open_pair
     from distill.teachers.base import GenerationSettings
 
     router = Router(
@@ -99,13 +99,9 @@ def run(args: argparse.Namespace) -> int:
         train_texts, _, _ = texts_from_rows(read_table(args.train), args.input_column, args.train)
         scorer = OODScorer(embedder=args.embedder).fit(train_texts)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, top_logprobs=5)
-    check_ca_bundle(args.ca_bundle, args.student, args.teacher)
-    student = open_model(
-        args.student, "student", settings=settings, input_column=args.input_column, ca_bundle=args.ca_bundle
-    )
-    teacher = open_model(
+    student, teacher = open_pair(
+        args.student,
         args.teacher,
-        "teacher",
         settings=settings,
         input_column=args.input_column,
         api_key_env=args.teacher_api_key_env,
