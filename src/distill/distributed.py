@@ -44,6 +44,35 @@ def check_requested() -> None:
         raise ValueError(f"{_NO_DEEPSPEED} (ACCELERATE_USE_DEEPSPEED=true)")
 
 
+def mixed_precision(requested: str, *, cuda: bool) -> str:
+    """The mixed precision to give `Accelerator`: ``requested`` (the config's), or the launcher's.
+
+    `accelerate launch --mixed_precision X` reaches the processes as ``ACCELERATE_MIXED_PRECISION``, and
+    an explicit ``Accelerator(mixed_precision="no")`` would silently override it: so the launcher's
+    choice wins when the config says ``"no"`` (the default), and two different non-``"no"`` choices
+    are an error. fp16 without a CUDA GPU is refused: accelerate then runs no fp16 autocast at all and
+    training would stay in float32 without a word (bf16 autocast does run on CPU)."""
+    launcher = (os.environ.get("ACCELERATE_MIXED_PRECISION") or "no").lower()
+    choice = requested
+    if requested == "no":
+        choice = launcher
+    elif launcher not in ("no", requested):
+        raise ValueError(
+            f"mixed_precision {requested!r} (config/--mixed-precision) conflicts with accelerate launch's "
+            f"--mixed_precision {launcher!r} (ACCELERATE_MIXED_PRECISION); give one of them"
+        )
+    if choice not in ("no", "bf16", "fp16"):
+        raise ValueError(
+            f"mixed precision {choice!r} (ACCELERATE_MIXED_PRECISION) is not supported: no, bf16 or fp16"
+        )
+    if choice == "fp16" and not cuda:
+        raise ValueError(
+            "mixed precision fp16 needs a CUDA GPU: on CPU accelerate runs no fp16 autocast and training would "
+            "silently stay in float32; use bf16 (autocast runs on CPU) or no"
+        )
+    return choice
+
+
 def check_launch(accelerator, *, lora: bool) -> None:
     """Raise ``ValueError`` (one line, naming the setup) for a process setup `train` would get wrong."""
     from accelerate.utils import DistributedType

@@ -239,7 +239,13 @@ def train(cfg: TrainConfig, *, accelerator=None, console=None) -> TrainResult:
     from accelerate.utils import DistributedType, ProjectConfiguration
     from rich.console import Console
 
-    from distill.distributed import check_launch, check_requested, gather_train_state, load_train_state
+    from distill.distributed import (
+        check_launch,
+        check_requested,
+        gather_train_state,
+        load_train_state,
+        mixed_precision,
+    )
     from distill.trackers import PROJECT, check_trackers, logging_dir, tracker_env
     from distill.vocab import check_store_tokenizer, shared_vocab_size
 
@@ -248,10 +254,13 @@ def train(cfg: TrainConfig, *, accelerator=None, console=None) -> TrainResult:
     check_trackers(cfg.log_with)
     if accelerator is None:
         check_requested()
+    precision = (
+        mixed_precision(cfg.mixed_precision, cuda=torch.cuda.is_available()) if accelerator is None else None
+    )
     accelerator = accelerator or Accelerator(
         # Without a GPU, cpu=True lets processes started by `accelerate launch`/torchrun join a gloo group.
         cpu=not torch.cuda.is_available(),
-        mixed_precision=cfg.mixed_precision,
+        mixed_precision=precision,
         log_with=list(cfg.log_with) or None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(logging_dir(out))),
     )
