@@ -118,12 +118,28 @@ def print_table(
 
     # No vertical borders: a results table should fit an 80-column terminal.
     table = RichTable(title=title, box=box.SIMPLE_HEAD)
+    cells = [[fmt(c) for c in row] for row in rows]
     for i, h in enumerate(headers):
         numeric = bool(rows) and all(isinstance(r[i], int | float | dict) or r[i] is None for r in rows)
-        table.add_column(h, justify="right" if numeric else "left", no_wrap=numeric)
-    for row in rows:
-        table.add_row(*[fmt(c) for c in row])
-    (console or Console()).print(table)
+        if i == 0:  # the row names: never squeezed away when the table is wider than the terminal
+            longest = max([len(h), *(len(c[0]) for c in cells)])
+            table.add_column(h, no_wrap=True, min_width=min(longest, 28), overflow="fold")
+        else:
+            table.add_column(h, justify="right" if numeric else "left", no_wrap=numeric)
+    for row in cells:
+        table.add_row(*row)
+    console = console or Console()
+    natural = console.measure(table, options=console.options.update_width(1000)).maximum
+    if console.is_terminal or natural <= console.width:
+        console.print(table)
+        return
+    # Piped into a file or a log, no terminal limits the width: print the table whole, not squeezed.
+    width = console.width
+    console.width = natural
+    try:
+        console.print(table)
+    finally:
+        console.width = width
 
 
 def figure(ncols: int = 1, *, width: float = 5.0, height: float = 4.0):

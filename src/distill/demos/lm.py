@@ -344,7 +344,9 @@ def _write_reports(out: Path, result: dict[str, Any], console) -> None:
     headers = ["model", "params", "train examples", "exact match", "eval CE", "retained", "speedup", "tokens"]
     rows = [[name, r["params"], r.get("train_examples"), r["exact_match"], r["eval_ce"], r["quality_retained"],
              r["speedup"], r.get("tokens")] for name, r in result["models"].items()]  # fmt: skip
-    report.print_table("distill demo --task lm (held-out prompts)", headers, rows, console=console)
+    keep = [0, 1, 3, 4, 5, 6]  # the terminal gets the main columns; report.md has all of them
+    report.print_table("distill demo --task lm (held-out prompts)", [headers[i] for i in keep],
+                       [[r[i] for i in keep] for r in rows], console=console)  # fmt: skip
     verdict = ("The teacher is clearly better than every student (exact match +5 points or more, lower eval CE): "
                "distillation has something to transfer." if result["teacher_clearly_better"] else
                "WARNING: the teacher is NOT clearly better than the students; distilling from it can make a "
