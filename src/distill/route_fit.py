@@ -63,6 +63,9 @@ def calibrate_on_models(
         "n_inputs": len(rows),
         "n_answered": len(records),
         "excluded": excl.to_dict(),
+        "latency_ms_mean": {
+            w: float(np.mean([r[w].latency_ms for r in records])) for w in ("student", "teacher")
+        },
         "n_calibration": int(cal.size),
         "n_held_out": int(test.size),
         "calibration": routed_outcome(router, {k: v[cal] for k, v in cols.items()}),
