@@ -132,14 +132,13 @@ def test_untrusted_certificate_fails_at_once_without_retry_or_key(
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     bundle = other_pki.ca_cert if trust == "another CA" else None
     url = tls_proxy.url + "/v1"
-    started = time.monotonic()
-    # The constructor's handshake finds it (model given: no request would be made otherwise) ...
+    # No retry: one attempt each (below) and one TLS connection each at the proxy, not a wall-clock
+    # bound, which a busy CI machine could break. The constructor's handshake finds it (model given: no request would be made otherwise) ...
     with pytest.raises(APIError) as caught:
         APITeacher(url, model=model, api_key_env="DISTILL_TLS_TEST_KEY", ca_bundle=bundle, backoff=5.0)
     # ... and so does the /v1/models lookup (no model given), unretried despite max_retries=5.
     with pytest.raises(APIError) as caught_lookup:
         APITeacher(url, api_key_env="DISTILL_TLS_TEST_KEY", ca_bundle=bundle, backoff=5.0)
-    assert time.monotonic() - started < 4.0  # a single retry would have slept up to 5 s
     for err in (caught.value, caught_lookup.value):
         text = str(err)
         assert "certificate" in text and "could not be verified" in text
@@ -178,12 +177,10 @@ def test_certificate_for_another_host_name_is_refused(server, tmp_path, model):
 
 def test_https_to_a_plain_http_server_fails_at_once(server, model):
     url = server.replace("http://", "https://")
-    started = time.monotonic()
     for kw in ({"model": model}, {}):  # the constructor's handshake, then the /v1/models lookup
         with pytest.raises(APIError, match="did not answer with TLS .*plain http:// endpoint") as caught:
             APITeacher(url, backoff=5.0, **kw)
-        assert url in str(caught.value) and not caught.value.retryable
-    assert time.monotonic() - started < 4.0  # a single retry would have slept up to 5 s
+        assert url in str(caught.value) and not caught.value.retryable and caught.value.attempts == 1
 
 
 def test_bad_ca_bundle_is_refused_before_any_connection(tls_proxy, tmp_path, model):
