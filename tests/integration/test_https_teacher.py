@@ -151,16 +151,14 @@ def test_untrusted_certificate_fails_at_once_without_retry_or_key(
 
 def test_certificate_replaced_mid_run_fails_the_request_unretried(tls_proxy, pki, other_pki, model):
     # Trusted when built; then the server presents a certificate from a CA the client does not trust:
-    # the request path, too, must treat it as permanent (backoff=5: a retry would show in the time).
+    # the request path, too, must treat it as permanent: one attempt, no retry counted.
     teacher = APITeacher(
         tls_proxy.url + "/v1", model=model, ca_bundle=pki.ca_cert, max_retries=4, backoff=5.0
     )
     tls_proxy.server_tls = other_pki.server_context()
-    started = time.monotonic()
     with pytest.raises(APIError, match="could not be verified") as caught:
         ask(teacher, 0)
     teacher.close()
-    assert time.monotonic() - started < 4.0
     assert caught.value.attempts == 1 and not caught.value.retryable
     assert teacher.stats == {"requests": 1, "retries": 0, "errors": 1}
     assert eventually(lambda: tls_proxy.tls_failures == 1) and tls_proxy.total_seen == 0
