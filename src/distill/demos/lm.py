@@ -8,8 +8,8 @@ The setting, all on this machine's CPU, nothing downloaded:
    (``OUT/store``) with its top-k log-probabilities. Labels are scarce, as in the classifier demo:
    only the first ``labelled`` transfer prompts (default 150 of 1500) have a gold answer.
 3. Three students 5-10x smaller, all from the same initialisation and with the same steps and batch,
-   each trained by `distill.train.train` once per seed (``seeds``: initialisation and data order): ``hard labels`` (the ``labelled`` gold answers alone, seen
-   many times over; no teacher), ``sft`` (the teacher's answers to every transfer prompt) and
+   each trained by `distill.train.train` once per seed (``seeds``: initialisation and data order):
+   ``hard labels`` (the ``labelled`` gold answers alone, seen many times over; no teacher), ``sft`` (the teacher's answers to every transfer prompt) and
    ``logits`` (the teacher's top-k log-probabilities on every transfer prompt, forward KL mixed with
    CE on its answers).
 4. Every model is scored on held-out prompts: exact match of its greedy answer, eval cross-entropy
@@ -79,7 +79,8 @@ class LMDemoConfig:
     latency_prompts: int = 20
     """Prompts timed one at a time for the speedup."""
     seed: int = 0
-    """Seed of the teacher's initialisation and data order; student seed ``s`` uses ``seed + s``."""
+    """Seed of the teacher's initialisation and data order; student seed ``s`` is initialised with
+    ``seed + 1 + s`` and shuffled with ``seed + s``."""
     seeds: int = 2
     """Student seeds (initialisation and data order); exact match and eval CE as mean ± std."""
 
