@@ -9,9 +9,9 @@ The setting, all on this machine's CPU, nothing downloaded:
    only the first ``labelled`` transfer prompts (default 150 of 1500) have a gold answer.
 3. Three students 5-10x smaller, all from the same initialisation and with the same steps and batch,
    each trained by `distill.train.train` once per seed (``seeds``: initialisation and data order):
-   ``hard labels`` (the ``labelled`` gold answers alone, seen many times over; no teacher), ``sft`` (the teacher's answers to every transfer prompt) and
-   ``logits`` (the teacher's top-k log-probabilities on every transfer prompt, forward KL mixed with
-   CE on its answers).
+   ``hard labels`` (the ``labelled`` gold answers alone, seen many times over; no teacher), ``sft``
+   (the teacher's answers to every transfer prompt) and ``logits`` (the teacher's top-k
+   log-probabilities on every transfer prompt, forward KL mixed with CE on its answers).
 4. Every model is scored on held-out prompts: exact match of its greedy answer, eval cross-entropy
    of the gold answer, parameters, and greedy-decoding latency (speedup against the teacher).
    Students' exact match and eval CE are reported as mean ± std over seeds, as in the digits demo:
