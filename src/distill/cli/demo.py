@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,14 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.task == "lm":
-        try:
-            lm = importlib.import_module("distill.demos.lm")
-        except ModuleNotFoundError as err:
-            if err.name not in ("distill.demos.lm",):
-                raise
-            raise ValueError(
-                "--task lm is not available yet: distill.demos.lm is not part of this build"
-            ) from None
+        from distill.demos import lm
+
         out = args.out or "runs/demo-lm"
         given = {"labelled": args.labelled, "seeds": args.seeds}
         lm.run(
