@@ -71,13 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
     from distill.serve import ServeLimits, create_app
 
-    api_key = None
-    if args.api_key_env:
-        api_key = os.environ.get(args.api_key_env)
-        if not api_key:
-            raise ValueError(
-                f"--api-key-env {args.api_key_env}: that environment variable is not set or empty"
-            )
+    api_key = _key_from_env("--api-key-env", args.api_key_env)
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     routing = _routing(args)  # before the model loads: a bad router or URL fails fast
@@ -137,13 +131,7 @@ def _routing(args: argparse.Namespace):
 
     url = check_fallback_url(args.fallback)
     router = load_router(args.router)
-    key = None
-    if args.fallback_api_key_env:
-        key = os.environ.get(args.fallback_api_key_env)
-        if not key:
-            raise ValueError(
-                f"--fallback-api-key-env {args.fallback_api_key_env}: that environment variable is not set or empty"
-            )
+    key = _key_from_env("--fallback-api-key-env", args.fallback_api_key_env)
     return RoutingPolicy(
         router,
         url,
@@ -151,3 +139,14 @@ def _routing(args: argparse.Namespace):
         fallback_model=args.fallback_model,
         fallback_ca_bundle=args.fallback_ca_bundle,
     )
+
+
+def _key_from_env(flag: str, name: str | None) -> str | None:
+    """The key held by environment variable ``name`` (None when no name is given); an unset or empty
+    variable is an error naming ``flag`` and the variable, never the value."""
+    if not name:
+        return None
+    key = os.environ.get(name)
+    if not key:
+        raise ValueError(f"{flag} {name}: that environment variable is not set or empty")
+    return key
