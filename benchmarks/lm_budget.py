@@ -34,9 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     from distill.config import TrainConfig
-    from distill.demos.lm import LMDemoConfig, _evaluate
-    from distill.tasks import make_examples, normalise_prediction
-    from distill.teachers.base import GenerationSettings, Request
+    from distill.demos.lm import _eval_ce, _greedy_answers, _params
+    from distill.tasks import exact_match, make_examples, normalise_prediction
     from distill.teachers.hf import HFTeacher
     from distill.tiny import save_tiny, tiny_causal_lm
     from distill.train import train
@@ -56,17 +55,16 @@ def main(argv: list[str] | None = None) -> int:
                       warmup_steps=10, seed=0, progress=True))  # fmt: skip
     seconds = time.perf_counter() - t0
     eval_set = make_examples(200, seed=1)
-    scored = _evaluate(work / "model", eval_set, lm_dir / "data" / "eval_gold.jsonl", LMDemoConfig())
-    reqs = [Request(id=e.id, prompt=e.prompt) for e in eval_set]
-    answers = HFTeacher(work / "model", batch_size=32).complete(reqs, GenerationSettings(max_new_tokens=24))
+    # Scored as the demo scores its students: the same greedy answers and eval CE.
+    answers = _greedy_answers(HFTeacher(work / "model", batch_size=32), eval_set)
     per_field = collections.defaultdict(list)
     for e, a in zip(eval_set, answers):
-        per_field[e.field].append(normalise_prediction(a.text) == e.answer)
+        per_field[e.field].append(normalise_prediction(a) == e.answer)
     result = {
         "name": name,
-        "exact_match": scored["exact_match"],
-        "eval_ce": scored["eval_ce"],
-        "params": scored["params"],
+        "exact_match": exact_match(answers, [e.answer for e in eval_set]),
+        "eval_ce": _eval_ce(work / "model", lm_dir / "data" / "eval_gold.jsonl"),
+        "params": _params(work / "model"),
         "train_seconds": seconds,
         "per_field": {k: sum(v) / len(v) for k, v in sorted(per_field.items())},
     }

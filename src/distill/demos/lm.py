@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from distill import report
+from distill.teachers.base import GenerationSettings
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,9 @@ QUICK = dict(
     seeds=1,
 )
 
+GREEDY = GenerationSettings(max_new_tokens=24, temperature=0.0)
+"""How every model of the demo answers: greedy, at most 24 new tokens (answers are 1-6 tokens)."""
+
 
 def _write_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -156,15 +160,12 @@ def _stop_if_terminated(res) -> None:
         raise KeyboardInterrupt(f"SIGTERM: stopped after step {res.steps} of {res.out}")
 
 
-def _evaluate(model_dir: Path, eval_examples, eval_rows_path: Path, cfg: LMDemoConfig) -> dict[str, Any]:
-    """Exact match (greedy), eval CE of the gold answers (nats/token), params, latency per prompt."""
+def _eval_ce(model_dir: Path, eval_rows_path: Path) -> float:
+    """Cross-entropy of the gold answers in ``eval_rows_path`` under the model (nats per answer token)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from distill.lmdata import IGNORE, collate, load_examples
-    from distill.tasks import exact_match
-    from distill.teachers.base import GenerationSettings, Request
-    from distill.teachers.hf import HFTeacher
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -178,18 +179,33 @@ def _evaluate(model_dir: Path, eval_examples, eval_rows_path: Path, cfg: LMDemoC
             ce += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                                           ignore_index=IGNORE, reduction="sum"))  # fmt: skip
             n += int((labels != IGNORE).sum())
-    gen = HFTeacher(model_dir, batch_size=32)
-    settings = GenerationSettings(max_new_tokens=24, temperature=0.0)
+    return ce / max(n, 1)
+
+
+def _greedy_answers(gen, eval_examples) -> list[str]:
+    """The greedy answers (up to 24 tokens) of teacher ``gen`` (an `HFTeacher`) to every example."""
+    from distill.teachers.base import Request
+
     reqs = [Request(id=e.id, prompt=e.prompt) for e in eval_examples]
-    answers = [c.text for c in gen.complete(reqs, settings)]
-    one = HFTeacher(model_dir, batch_size=1)
+    return [c.text for c in gen.complete(reqs, GREEDY)]
+
+
+def _evaluate(model_dir: Path, eval_examples, eval_rows_path: Path, cfg: LMDemoConfig) -> dict[str, Any]:
+    """Exact match (greedy), eval CE of the gold answers (nats/token), params, latency per prompt."""
+    from distill.tasks import exact_match
+    from distill.teachers.base import Request
+    from distill.teachers.hf import HFTeacher
+
+    gen = HFTeacher(model_dir, batch_size=32)
+    answers = _greedy_answers(gen, eval_examples)
+    timed = [Request(id=e.id, prompt=e.prompt) for e in eval_examples[: cfg.latency_prompts]]
     t0 = time.perf_counter()
-    for r in reqs[: cfg.latency_prompts]:
-        one.complete([r], settings)
-    latency = (time.perf_counter() - t0) / max(min(cfg.latency_prompts, len(reqs)), 1)
+    for r in timed:  # one prompt per call: batch size 1
+        gen.complete([r], GREEDY)
+    latency = (time.perf_counter() - t0) / max(len(timed), 1)
     return {
         "exact_match": exact_match(answers, [e.answer for e in eval_examples]),
-        "eval_ce": ce / max(n, 1),
+        "eval_ce": _eval_ce(model_dir, eval_rows_path),
         "params": _params(model_dir),
         "latency_ms": latency * 1000,
         "samples": [
@@ -223,7 +239,6 @@ def _run(cfg: LMDemoConfig, out: Path, quick: bool, console, progress: bool) -> 
     from distill.config import TrainConfig
     from distill.generate import generate
     from distill.tasks import make_examples, to_rows
-    from distill.teachers.base import GenerationSettings
     from distill.teachers.hf import HFTeacher
     from distill.tiny import save_tiny, tiny_causal_lm, train_tokenizer
     from distill.train import train
@@ -250,7 +265,7 @@ def _run(cfg: LMDemoConfig, out: Path, quick: bool, console, progress: bool) -> 
         out / "data" / "transfer_prompts.jsonl", [{"id": e.id, "prompt": e.prompt} for e in transfer]
     )
     gen = generate(HFTeacher(tdir, batch_size=32), prompts, out / "store",
-                   settings=GenerationSettings(max_new_tokens=24, temperature=0.0, top_logprobs=cfg.top_k),
+                   settings=replace(GREEDY, top_logprobs=cfg.top_k),
                    progress=progress, console=console)  # fmt: skip
     # Label scarcity: only the first `labelled` transfer prompts have a gold answer.
     gold = _write_rows(out / "data" / "labelled_gold.jsonl", to_rows(transfer[: cfg.labelled]))
