@@ -4,6 +4,7 @@ and `accelerate launch --mixed_precision` (ACCELERATE_MIXED_PRECISION) is honour
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -39,7 +40,7 @@ def _train(tmp_path, tiny_student_dir, name, *extra, env=None):
     args = ["train", "--student", str(tiny_student_dir), "--data", str(data), "--out", str(out), "--mode", "sft",
             "--max-steps", "3", "--batch-size", "4", "--lr", "1e-2", "--no-progress", *extra]  # fmt: skip
     done = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, **(env or {})})  # fmt: skip
+                          env={**os.environ, **(env or {})})  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     probe = json.loads(done.stdout.strip().splitlines()[-1])
     assert probe["code"] == 0
