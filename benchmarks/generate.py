@@ -1,4 +1,4 @@
-"""Requests per second of `distill.generate.generate` against a local server with a fixed added latency.
+"""Requests per second of `distill.store.generate.generate` against a local server with a fixed added latency.
 
     .venv/bin/python benchmarks/generate.py [--latency 0.1] [--seconds 3] [--concurrency 1 8 32] [--out bench-results/generate.json]
 
@@ -31,9 +31,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from distill.generate import generate
-from distill.teachers.api import APITeacher
-from distill.teachers.base import GenerationSettings
+from distill.models.api import APITeacher
+from distill.models.base import GenerationSettings
+from distill.store.generate import generate
 
 K, TOKENS = 5, 16
 

@@ -33,12 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from distill.config import TrainConfig
     from distill.demos.lm import _eval_ce, _greedy_answers, _params
-    from distill.tasks import exact_match, make_examples, normalise_prediction
-    from distill.teachers.hf import HFTeacher
-    from distill.tiny import save_tiny, tiny_causal_lm
+    from distill.demos.tasks import exact_match, make_examples, normalise_prediction
+    from distill.models.hf import HFTeacher
+    from distill.models.tiny import save_tiny, tiny_causal_lm
     from distill.train import train
+    from distill.train.config import TrainConfig
 
     torch.set_num_threads(1)  # as the demo: tiny models, thread sync costs more than it saves
     lm_dir = Path(args.lm_dir)

@@ -7,7 +7,7 @@ What the server adds per request when the router cuts on the OOD score is one ca
 `OODScorer.score([text])`: embed the request's text, then the mean cosine distance to its k nearest
 training inputs (a product with all training embeddings, so it grows with the training set). This
 script fits a scorer per embedder and training-set size on invoice-task prompts
-(`distill.tasks.make_examples`), saves and reloads it as `distill serve` does (timing the load: a
+(`distill.demos.tasks.make_examples`), saves and reloads it as `distill serve` does (timing the load: a
 one-off cost at start), warms it up, then times ``--requests`` single-text calls, one at a time, on
 new invoice prompts and out-of-distribution texts alternately. Reports p50 / p95 / mean ms per
 request, the load time and the scorer's size on disk; writes JSON to ``--out``.
@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 from rich.progress import track
 
-from distill.coverage import OODScorer
-from distill.embed import minilm_available
+from distill.demos.tasks import make_examples
 from distill.report import print_table, write_json
-from distill.tasks import make_examples
+from distill.workload.coverage import OODScorer
+from distill.workload.embed import minilm_available
 
 OUT_OF_DISTRIBUTION = [
     "¿Dónde está la biblioteca municipal? Responde en español, por favor.",

@@ -37,7 +37,7 @@ from rich.console import Console
 
 from distill.evaluate import EvalConfig, run_pair
 from distill.report import figure, print_table, save_figure, write_json
-from distill.routing import Router, routed_outcome, split_indices
+from distill.route.router import Router, routed_outcome, split_indices
 
 
 def _digits_models(work: Path, seed: int) -> tuple[Path, Path, list[dict]]:
@@ -82,9 +82,9 @@ def _pick_student(lm_dir: Path, n: int) -> tuple[str, dict[str, float]]:
     inputs (seed 3) use, so the choice does not peek at the routed evaluation."""
     import torch
 
-    from distill.tasks import exact_match, make_examples
-    from distill.teachers.base import GenerationSettings, Request
-    from distill.teachers.hf import HFTeacher
+    from distill.demos.tasks import exact_match, make_examples
+    from distill.models.base import GenerationSettings, Request
+    from distill.models.hf import HFTeacher
 
     torch.set_num_threads(1)
     select = make_examples(n, seed=4)
@@ -101,7 +101,7 @@ def _pick_student(lm_dir: Path, n: int) -> tuple[str, dict[str, float]]:
 
 
 def _lm_models(lm_dir: Path, n: int, student: str, n_select: int) -> tuple[Path, Path, list[dict], dict]:
-    from distill.tasks import make_examples
+    from distill.demos.tasks import make_examples
 
     if not (lm_dir / "teacher" / "model.safetensors").is_file():
         from distill.demos.lm import run as run_lm_demo
@@ -130,8 +130,8 @@ def bench_task(
 ) -> dict:
     import torch
 
-    from distill.runners import open_model
-    from distill.teachers.base import GenerationSettings
+    from distill.evaluate.runners import open_model
+    from distill.models.base import GenerationSettings
 
     torch.set_num_threads(1)
     settings = GenerationSettings(max_new_tokens=24, top_logprobs=5)

@@ -20,8 +20,9 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from distill import store, store_writer
-from distill.teachers.base import Completion
+from distill import store
+from distill.models.base import Completion
+from distill.store import writer as store_writer
 
 
 def synthetic_rows(n: int, tokens: int, prompt_tokens: int, k: int, vocab: int, seed: int = 0) -> list[dict]:

@@ -37,8 +37,8 @@ BENCH_PY = ROOT / ".venv-bench" / "bin" / "python"
 
 
 def _setup(work: Path, n: int) -> dict:
-    from distill.tasks import make_examples
-    from distill.tiny import save_tiny, tiny_causal_lm, train_tokenizer
+    from distill.demos.tasks import make_examples
+    from distill.models.tiny import save_tiny, tiny_causal_lm, train_tokenizer
 
     ex = make_examples(n, seed=0)
     tok = train_tokenizer([e.prompt + " " + e.answer for e in ex], vocab_size=512)
@@ -65,8 +65,8 @@ def _peak_mib() -> float:
 
 
 def _worker_distill(work: Path, a: argparse.Namespace) -> dict:
-    from distill.config import TrainConfig
     from distill.train import train
+    from distill.train.config import TrainConfig
 
     cfg = TrainConfig(student=str(work / "student"), data=str(work / "data.jsonl"), out=str(work / "out-distill"),
                       mode="logits", teacher=str(work / "teacher"), loss="forward_kl", alpha=1.0,

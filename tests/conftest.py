@@ -26,7 +26,7 @@ TINY_TEXTS = [
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from distill.tiny import train_tokenizer
+    from distill.models.tiny import train_tokenizer
 
     return train_tokenizer(TINY_TEXTS, vocab_size=400)
 
@@ -34,7 +34,7 @@ def tiny_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_lm_dir(tmp_path_factory, tiny_tokenizer):
     """A saved 2-layer Llama-style causal LM (random weights) with its tokenizer: a teacher or student."""
-    from distill.tiny import save_tiny, tiny_causal_lm
+    from distill.models.tiny import save_tiny, tiny_causal_lm
 
     model = tiny_causal_lm(len(tiny_tokenizer), n_layer=2, n_embd=64, n_head=4, seed=0)
     return save_tiny(model, tiny_tokenizer, tmp_path_factory.mktemp("tiny_lm"))
@@ -43,7 +43,7 @@ def tiny_lm_dir(tmp_path_factory, tiny_tokenizer):
 @pytest.fixture(scope="session")
 def tiny_student_dir(tmp_path_factory, tiny_tokenizer):
     """A smaller saved causal LM sharing ``tiny_lm_dir``'s tokenizer."""
-    from distill.tiny import save_tiny, tiny_causal_lm
+    from distill.models.tiny import save_tiny, tiny_causal_lm
 
     model = tiny_causal_lm(len(tiny_tokenizer), n_layer=1, n_embd=32, n_head=2, seed=1)
     return save_tiny(model, tiny_tokenizer, tmp_path_factory.mktemp("tiny_student"))

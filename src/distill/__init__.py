@@ -6,8 +6,9 @@ command, an HTTP-only `distill generate` among them) does not pay for torch unti
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from distill import _compat
 
 __version__ = "0.1.0"
 
@@ -18,9 +19,9 @@ _EXPORTS = {
     "kd_loss": "distill.losses",
     "SparseTargets": "distill.losses",
     "fused_linear_kd_loss": "distill.losses",
-    "calibrate_temperature": "distill.classifier_metrics",
-    "compare": "distill.classifier_metrics",
-    "distill_classifier": "distill.classifier",
+    "calibrate_temperature": "distill.classifier.metrics",
+    "compare": "distill.classifier.metrics",
+    "distill_classifier": "distill.classifier.kd",
 }
 __all__ = [
     "LOSSES",
@@ -35,14 +36,10 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from distill.classifier import distill_classifier
-    from distill.classifier_metrics import calibrate_temperature, compare
+    from distill.classifier.kd import distill_classifier
+    from distill.classifier.metrics import calibrate_temperature, compare
     from distill.losses import LOSSES, SparseTargets, fused_linear_kd_loss, hinton_loss, kd_loss
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value  # later lookups skip this function
-        return value
-    raise AttributeError(f"module 'distill' has no attribute {name!r}")
+__getattr__, __dir__ = _compat.lazy_exports(__name__, _EXPORTS)
+_compat.install()  # old flat module paths (distill.config, distill.routing, ...) keep working

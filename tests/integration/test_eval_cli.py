@@ -9,7 +9,7 @@ import pytest
 
 from distill.classifier import mlp, save_classifier
 from distill.cli import main
-from distill.routing import Router
+from distill.route.router import Router
 from training_helpers import fit_full_batch
 
 

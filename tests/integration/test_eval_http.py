@@ -9,9 +9,9 @@ import pytest
 
 from distill.cli import main
 from distill.evaluate import EvalConfig, evaluate
-from distill.memprobe import probe_memory
-from distill.runners import TeacherRunner, open_model
-from distill.teachers.base import GenerationSettings
+from distill.evaluate.memprobe import probe_memory
+from distill.evaluate.runners import TeacherRunner, open_model
+from distill.models.base import GenerationSettings
 from faultproxy import FaultProxy
 
 SETTINGS = GenerationSettings(max_new_tokens=4, top_logprobs=3)
@@ -59,7 +59,7 @@ def test_http_teacher_gives_the_local_teachers_numbers(server, local, tiny_stude
 
 @pytest.mark.slow
 def test_teacher_endpoint_failing_mid_run_is_counted_not_fatal(server, local):
-    from distill.teachers.api import APITeacher
+    from distill.models.api import APITeacher
 
     student, _ = local
     with FaultProxy(server.rsplit("/v1", 1)[0], rate=0.4, kinds=("500",), seed=3) as proxy:
@@ -72,8 +72,8 @@ def test_teacher_endpoint_failing_mid_run_is_counted_not_fatal(server, local):
 
 
 def test_store_answers_stand_in_for_the_teacher(tiny_lm_dir, local, tmp_path):
-    from distill.generate import generate
-    from distill.teachers.hf import HFTeacher
+    from distill.models.hf import HFTeacher
+    from distill.store.generate import generate
 
     student, expected = local
     prompts = tmp_path / "prompts.jsonl"

@@ -22,9 +22,9 @@ import pytest
 
 from distill import store
 from distill.cli import main
-from distill.generate import generate
-from distill.teachers.api import APIError, APITeacher
-from distill.teachers.base import GenerationSettings, Request
+from distill.models.api import APIError, APITeacher
+from distill.models.base import GenerationSettings, Request
+from distill.store.generate import generate
 from faultproxy import FaultProxy
 from servers import running_server
 
@@ -194,7 +194,7 @@ def test_faults_on_a_third_of_requests_partition_prompts_then_retry(server, mode
 
 
 def _prompt_keys(teacher, settings, prompts):
-    from distill.generate import Prompt, load_prompts, store_config
+    from distill.store.generate import Prompt, load_prompts, store_config
 
     chash = store.config_hash(store_config(teacher, settings))
     return [

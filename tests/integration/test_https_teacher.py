@@ -19,8 +19,8 @@ import pytest
 
 from distill import store
 from distill.cli import main
-from distill.teachers.api import APIError, APITeacher
-from distill.teachers.base import GenerationSettings, Request
+from distill.models.api import APIError, APITeacher
+from distill.models.base import GenerationSettings, Request
 from faultproxy import FaultProxy, make_test_pki
 
 CANARY = "sk-canary-tls-7f3a9c21e5"  # must appear in no error text
@@ -230,8 +230,8 @@ def test_serve_router_fallback_over_https(tls_proxy, pki, model, tmp_path, monke
     ``fallback_ca_bundle`` (``--fallback-ca-bundle``) it answers; with neither it nor SSL_CERT_FILE
     the client gets a 502 naming the URL, counted; SSL_CERT_FILE alone works; a bad bundle fails at
     construction, before any request."""
-    from distill.routing import Router
-    from distill.serve_router import REASON_HEADER, ROUTE_HEADER, RoutingPolicy
+    from distill.route.router import Router
+    from distill.serve.routing import REASON_HEADER, ROUTE_HEADER, RoutingPolicy
 
     router = Router(0.99, "mean_logprob").fit(
         {"mean_logprob": [-0.1, -3.0], "student_quality": [1.0, 0.0], "teacher_quality": [1.0, 1.0]}

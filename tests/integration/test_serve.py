@@ -14,8 +14,8 @@ import httpx
 import openai
 import pytest
 
-from distill.teachers.base import GenerationSettings, Request
-from distill.teachers.hf import HFTeacher
+from distill.models.base import GenerationSettings, Request
+from distill.models.hf import HFTeacher
 from servers import free_port, running_server
 
 CANARY = f"sk-canary-{uuid.uuid4().hex}"

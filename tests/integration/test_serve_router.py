@@ -11,10 +11,10 @@ import openai
 import pytest
 
 from distill.cli import main
-from distill.routing import Router, confidence_signals
-from distill.serve_router import ROUTE_HEADER, ROUTER_TOP_K
-from distill.teachers.base import GenerationSettings, Request
-from distill.teachers.hf import HFTeacher
+from distill.models.base import GenerationSettings, Request
+from distill.models.hf import HFTeacher
+from distill.route.router import Router, confidence_signals
+from distill.serve.routing import ROUTE_HEADER, ROUTER_TOP_K
 from servers import free_port, running_server
 
 TEACHER_KEY = f"sk-teacher-canary-{uuid.uuid4().hex}"
@@ -289,8 +289,8 @@ def ood_routed(setup, tiny_student_dir):
     """A student server whose router cuts on the OOD score of a TF-IDF scorer fitted on invoice
     lines, with a confidence threshold below every answer the student gives (so only the OOD cut
     can send a request to the teacher); yields (client, base_url, scores, router)."""
-    from distill.coverage import OODScorer
-    from distill.embed import row_text
+    from distill.workload.coverage import OODScorer
+    from distill.workload.embed import row_text
 
     scorer = OODScorer(embedder="tfidf").fit(OOD_TRAIN)
     texts = {
@@ -373,8 +373,8 @@ def test_out_of_distribution_requests_go_to_the_teacher_with_reason_ood(setup, o
 
 
 def test_server_scores_the_text_route_fit_calibrated_on():
-    from distill.embed import row_text
-    from distill.serve_router import request_texts
+    from distill.serve.routing import request_texts
+    from distill.workload.embed import row_text
 
     rows = [{"prompt": IN_PROMPT}, {"messages": IN_CHAT + [{"role": "assistant", "content": "ok"}]}]
     body_chat = {"messages": rows[1]["messages"], "model": "x"}
@@ -390,7 +390,7 @@ def test_server_scores_the_text_route_fit_calibrated_on():
 def test_router_with_ood_cut_but_no_scorer_fails_at_start_naming_the_path(tmp_path, capsys):
     import shutil
 
-    from distill.coverage import OODScorer
+    from distill.workload.coverage import OODScorer
 
     router = Router(0.99, "mean_logprob", ood_signal="ood").fit(
         {
@@ -418,9 +418,9 @@ def test_router_with_ood_cut_but_no_scorer_fails_at_start_naming_the_path(tmp_pa
 def test_route_fit_saves_the_scorer_the_server_then_scores_with(tiny_lm_dir, tiny_student_dir, tmp_path):
     """`route fit --train` writes router.ood/ beside the router; the server's scorer, loaded from it,
     gives exactly the OOD scores the router was calibrated on."""
-    from distill.coverage import OODScorer
-    from distill.embed import row_text
-    from distill.serve_router import RoutingPolicy, load_router
+    from distill.serve.routing import RoutingPolicy, load_router
+    from distill.workload.coverage import OODScorer
+    from distill.workload.embed import row_text
 
     rows = [{"id": f"p{i}", "prompt": PROMPTS[i]} for i in range(6)]
     rows += [{"id": "c0", "messages": IN_CHAT}, {"id": "o0", "prompt": OOD_PROMPT}]
@@ -450,8 +450,8 @@ def test_a_request_that_cannot_be_scored_goes_to_the_teacher(tmp_path):
     as out of distribution: the teacher is asked (a dead port here: a counted 502), never the student."""
     import asyncio
 
-    from distill.coverage import OODScorer
-    from distill.serve_router import REASON_HEADER, RoutingPolicy
+    from distill.serve.routing import REASON_HEADER, RoutingPolicy
+    from distill.workload.coverage import OODScorer
 
     router = Router(0.99, "mean_logprob", ood_signal="ood").fit(
         {

@@ -24,7 +24,7 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, tiny_student_dir, tiny_lm_dir):
-    from distill.tasks import make_examples, to_rows
+    from distill.demos.tasks import make_examples, to_rows
 
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in to_rows(make_examples(24, seed=4))))

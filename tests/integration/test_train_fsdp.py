@@ -31,7 +31,7 @@ import json, sys
 import torch
 from accelerate import Accelerator, FullyShardedDataParallelPlugin
 from accelerate.utils import DistributedType
-from distill.config import TrainConfig
+from distill.train.config import TrainConfig
 from distill.train import train
 
 version = int(sys.argv[2])
@@ -65,7 +65,7 @@ def _launch(*args: str) -> list[str]:
 
 
 def _data(tmp_path: Path) -> Path:
-    from distill.tasks import make_examples, to_rows
+    from distill.demos.tasks import make_examples, to_rows
 
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in to_rows(make_examples(24, seed=4))))
@@ -87,7 +87,7 @@ def test_deepspeed_and_a_short_process_group_are_refused(tmp_path, tiny_student_
     from accelerate import Accelerator
 
     from distill.cli import main
-    from distill.distributed import check_launch
+    from distill.train.distributed import check_launch
 
     argv = ["train", "--student", str(tiny_student_dir), "--data", str(_data(tmp_path)),
             "--out", str(tmp_path / "out"), "--max-steps", "2", "--no-progress"]  # fmt: skip

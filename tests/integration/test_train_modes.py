@@ -20,7 +20,7 @@ from servers import running_server
 
 @pytest.fixture(scope="module")
 def store_dir(tmp_path_factory, tiny_lm_dir):
-    from distill.tasks import make_examples
+    from distill.demos.tasks import make_examples
 
     root = tmp_path_factory.mktemp("store")
     prompts = root / "prompts.jsonl"
@@ -100,7 +100,7 @@ def test_lora_adapters_saved_unmerged(tmp_path, tiny_student_dir, store_dir):
 def test_padded_teacher_accepted_and_other_tokenizer_refused(
     tmp_path, tiny_tokenizer, tiny_student_dir, store_dir, capsys
 ):
-    from distill.tiny import save_tiny, tiny_causal_lm, train_tokenizer
+    from distill.models.tiny import save_tiny, tiny_causal_lm, train_tokenizer
 
     padded = save_tiny(tiny_causal_lm(len(tiny_tokenizer) + 64, n_layer=1, n_embd=32, n_head=2, seed=3),
                        tiny_tokenizer, tmp_path / "padded")  # fmt: skip

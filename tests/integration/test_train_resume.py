@@ -18,12 +18,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distill.config import TrainConfig
 from distill.train import train
+from distill.train.config import TrainConfig
 
 
 def _data(tmp_path: Path, n: int = 32) -> Path:
-    from distill.tasks import make_examples, to_rows
+    from distill.demos.tasks import make_examples, to_rows
 
     path = tmp_path / "data.jsonl"
     path.write_text(

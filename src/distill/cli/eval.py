@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 
 from distill.data import read_table
-from distill.eval_report import print_summary, write_reports
 from distill.evaluate import EvalConfig, evaluate
+from distill.evaluate.report import print_summary, write_reports
+from distill.evaluate.runners import open_pair
+from distill.models.base import GenerationSettings
 from distill.prices import load_prices
-from distill.runners import open_pair
-from distill.teachers.base import GenerationSettings
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -84,7 +84,7 @@ def build_teacher(args: argparse.Namespace):
     if urls and len(urls) != len(args.teacher):
         raise ValueError(f"--teacher: mix of URLs and local directories {args.teacher!r}; give one kind")
     if urls:
-        from distill.teachers.api import APITeacher
+        from distill.models.api import APITeacher
 
         return APITeacher(
             urls,
@@ -102,7 +102,7 @@ def build_teacher(args: argparse.Namespace):
         )
     if len(args.teacher) != 1:
         raise ValueError(f"--teacher: one local model directory at a time, got {args.teacher!r}")
-    from distill.teachers.hf import HFTeacher
+    from distill.models.hf import HFTeacher
 
     return HFTeacher(args.teacher[0], device=args.device, batch_size=args.batch_size)
 
@@ -111,8 +111,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from distill.generate import generate
-    from distill.teachers.base import GenerationSettings
+    from distill.models.base import GenerationSettings
+    from distill.store.generate import generate
 
     console = Console(stderr=True)
     settings = GenerationSettings(
@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         from distill.prices import TokenPrice
 
         price = TokenPrice(args.price_input_per_1m or 0.0, args.price_output_per_1m or 0.0)
-    from distill.teachers.api import APIError
+    from distill.models.api import APIError
 
     try:
         teacher = build_teacher(args)

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from distill.routing import OOD_SCORER_SUFFIX, SIGNALS, Router
+from distill.route.router import OOD_SCORER_SUFFIX, SIGNALS, Router
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,15 +77,15 @@ def run(args: argparse.Namespace) -> int:
                 f"(scorer: {router.ood_scorer_path_ or 'none recorded'})"
             )
         return 0
-    from distill.coverage import OODScorer
     from distill.data import read_table
-    from distill.embed import texts_from_rows
     from distill.evaluate import EvalConfig
+    from distill.evaluate.runners import open_pair
+    from distill.models.base import GenerationSettings
     from distill.prices import load_prices
     from distill.report import print_table, write_json
-    from distill.route_fit import calibrate_on_models
-    from distill.runners import open_pair
-    from distill.teachers.base import GenerationSettings
+    from distill.route.fit import calibrate_on_models
+    from distill.workload.coverage import OODScorer
+    from distill.workload.embed import texts_from_rows
 
     router = Router(
         target=args.target, signal=args.signal, ood_signal="ood" if args.train else None, delta=args.delta

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from distill.data import read_table
 from distill.prices import load_prices
-from distill.scout import ScoutConfig, export_family, print_families, scout
+from distill.workload.scout import ScoutConfig, export_family, print_families, scout
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -127,7 +127,7 @@ def _routing(args: argparse.Namespace):
         raise ValueError("--fallback needs --router FILE (which requests go to the fallback)")
     if args.fallback is None:
         raise ValueError("--router needs --fallback URL (where unconfident requests go)")
-    from distill.serve_router import RoutingPolicy, check_fallback_url, load_router
+    from distill.serve.routing import RoutingPolicy, check_fallback_url, load_router
 
     url = check_fallback_url(args.fallback)
     router = load_router(args.router)

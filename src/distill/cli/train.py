@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from distill.config import FIELD_DOCS, MODES
+from distill.train.config import FIELD_DOCS, MODES
 
 
 def _help(name: str) -> str:
@@ -56,8 +56,8 @@ _FLAGS = (
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from distill.config import load_config
     from distill.train import train
+    from distill.train.config import load_config
 
     cfg = load_config(args.config, {k: getattr(args, k) for k in _FLAGS})
     console = Console(stderr=True)

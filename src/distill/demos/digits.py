@@ -31,7 +31,7 @@ from distill.classifier import (
     save_classifier,
     train_classifier,
 )
-from distill.classifier_metrics import calibrate_temperature, compare, expected_calibration_error
+from distill.classifier.metrics import calibrate_temperature, compare, expected_calibration_error
 
 DATASET = "sklearn digits: 1,797 8x8 grey-level images (0-16), 10 classes; features scaled to [0, 1]"
 

@@ -1,10 +1,10 @@
-"""`distill demo --task lm`: distil a small causal LM on the built-in invoice task (`distill.tasks`).
+"""`distill demo --task lm`: distil a small causal LM on the built-in invoice task (`distill.demos.tasks`).
 
 The setting, all on this machine's CPU, nothing downloaded:
 
 1. A byte-level BPE tokenizer is trained on the task's texts; a teacher causal LM (4 layers) is
    trained on gold answers (``sft``) and cached under ``OUT/teacher`` (reused when its settings match).
-2. The teacher answers a transfer set of prompts through `distill.generate` into a real store
+2. The teacher answers a transfer set of prompts through `distill.store.generate` into a real store
    (``OUT/store``) with its top-k log-probabilities. Labels are scarce, as in the classifier demo:
    only the first ``labelled`` transfer prompts (default 150 of 1500) have a gold answer.
 3. Three students 5-10x smaller, all from the same initialisation and with the same steps and batch,
@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from distill import report
-from distill.teachers.base import GenerationSettings
+from distill.models.base import GenerationSettings
 
 
 @dataclass(frozen=True)
@@ -131,9 +131,9 @@ def _prod(shape) -> int:
 
 def _teacher(cfg: LMDemoConfig, out: Path, tok, train_rows, console, progress: bool) -> tuple[Path, bool]:
     """Train the teacher or reuse the cached one; returns (directory, reused)."""
-    from distill.config import TrainConfig
-    from distill.tiny import save_tiny, tiny_causal_lm
+    from distill.models.tiny import save_tiny, tiny_causal_lm
     from distill.train import train
+    from distill.train.config import TrainConfig
 
     tdir = out / "teacher"
     key = {k: v for k, v in asdict(cfg).items() if k in ("n_teacher_train", "teacher_steps", "batch_size",
@@ -165,7 +165,7 @@ def _eval_ce(model_dir: Path, eval_rows_path: Path) -> float:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distill.lmdata import IGNORE, collate, load_examples
+    from distill.train.examples import IGNORE, collate, load_examples
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -184,7 +184,7 @@ def _eval_ce(model_dir: Path, eval_rows_path: Path) -> float:
 
 def _greedy_answers(gen, eval_examples) -> list[str]:
     """The greedy answers (up to 24 tokens) of teacher ``gen`` (an `HFTeacher`) to every example."""
-    from distill.teachers.base import Request
+    from distill.models.base import Request
 
     reqs = [Request(id=e.id, prompt=e.prompt) for e in eval_examples]
     return [c.text for c in gen.complete(reqs, GREEDY)]
@@ -192,9 +192,9 @@ def _greedy_answers(gen, eval_examples) -> list[str]:
 
 def _evaluate(model_dir: Path, eval_examples, eval_rows_path: Path, cfg: LMDemoConfig) -> dict[str, Any]:
     """Exact match (greedy), eval CE of the gold answers (nats/token), params, latency per prompt."""
-    from distill.tasks import exact_match
-    from distill.teachers.base import Request
-    from distill.teachers.hf import HFTeacher
+    from distill.demos.tasks import exact_match
+    from distill.models.base import Request
+    from distill.models.hf import HFTeacher
 
     gen = HFTeacher(model_dir, batch_size=32)
     answers = _greedy_answers(gen, eval_examples)
@@ -236,12 +236,12 @@ def run(out: str | Path = "runs/demo-lm", *, quick: bool = False, console: Any =
 
 
 def _run(cfg: LMDemoConfig, out: Path, quick: bool, console, progress: bool) -> dict[str, Any]:
-    from distill.config import TrainConfig
-    from distill.generate import generate
-    from distill.tasks import make_examples, to_rows
-    from distill.teachers.hf import HFTeacher
-    from distill.tiny import save_tiny, tiny_causal_lm, train_tokenizer
+    from distill.demos.tasks import make_examples, to_rows
+    from distill.models.hf import HFTeacher
+    from distill.models.tiny import save_tiny, tiny_causal_lm, train_tokenizer
+    from distill.store.generate import generate
     from distill.train import train
+    from distill.train.config import TrainConfig
 
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -309,7 +309,7 @@ def _run(cfg: LMDemoConfig, out: Path, quick: bool, console, progress: bool) -> 
     clearly_better = (teacher["exact_match"] >= _mean(best_student["exact_match"]) + 0.05
                       and teacher["eval_ce"] < min(_mean(r["eval_ce"]) for r in students))  # fmt: skip
     result = {
-        "task": "invoice field extraction (distill.tasks), exact match of the greedy answer",
+        "task": "invoice field extraction (distill.demos.tasks), exact match of the greedy answer",
         "labelled": cfg.labelled,
         "seeds": list(range(cfg.seeds)),
         "quick": quick,

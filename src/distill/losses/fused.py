@@ -1,0 +1,262 @@
+"""Chunked, fused distillation loss: student logits computed from hidden states a chunk at a time.
+
+Public name re-exported by :mod:`distill.losses`. The full ``(N, V)`` student logit matrix and its
+gradient never exist at once: each chunk's logits, loss and gradients are computed in the forward pass
+and only the gradients for the hidden states ``(N, H)``, the head ``(V, H)`` (and bias) are kept.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from distill.losses.divergence import check_loss, check_mask, check_temperature, upcast
+from distill.losses.sparse import TAILS, SparseTargets, check_against_vocab, kd_rows, map_targets
+
+# Default chunk: about 2**22 logits (16 MiB per float32 copy of a chunk). The extra memory is a few such
+# buffers plus the head's float32 gradient accumulator, independent of N; 131 rows at V = 32,000 and 32 at
+# V = 128,256 keep each chunk's matmul at full speed on CPU (docs/losses.md has the measurements).
+CHUNK_LOGITS = 2**22
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """Rows per chunk for a vocabulary of ``vocab_size``: ``max(1, 2**22 // vocab_size)``."""
+    return max(1, CHUNK_LOGITS // vocab_size)
+
+
+# Divergences whose gradient w.r.t. the logits is written out below instead of taken by autograd: forward
+# KL is the common case and autograd's extra passes over a (chunk, V) block cost ~30% of its time on CPU.
+_ANALYTIC = ("forward_kl", "soft_cross_entropy")
+
+
+def _autograd(fn, logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Value and gradient of the scalar ``fn(logits)`` w.r.t. ``logits``."""
+    with torch.enable_grad():
+        z = logits.detach().requires_grad_()
+        value = fn(z)
+        (g,) = torch.autograd.grad(value, z)
+    return value.detach(), g
+
+
+def _kl_value_grad(
+    logits: Tensor, teacher: Tensor, rows: Tensor | None, loss: str, temperature: float, n_counted: int
+) -> tuple[Tensor, Tensor]:
+    """Sum over ``rows`` of forward KL (or soft CE) / n_counted, and its gradient, in closed form.
+
+    With s = log_softmax(z / T) and p_T = softmax(z_T / T): KL = sum p_T (log p_T - s), soft CE =
+    -sum p_T s; both have gradient (softmax(z / T) - p_T) / T w.r.t. the student logits z.
+    """
+    z = logits if rows is None else logits[rows]
+    t = upcast(teacher if rows is None else teacher[rows]).detach().to(z.dtype)
+    tl = F.log_softmax(t / temperature if temperature != 1.0 else t, dim=-1)
+    p = tl.exp()
+    s = z / temperature if temperature != 1.0 else z.clone()
+    s -= torch.logsumexp(s, dim=-1, keepdim=True)  # student log-probabilities, in place
+    if loss == "forward_kl":
+        # clamp: where p = 0 the log-probabilities may be -inf, and 0 * finite = 0 where 0 * inf is NaN
+        low = torch.finfo(tl.dtype).min
+        value = (p * (tl.clamp_(min=low) - s.clamp(min=low))).sum()
+    else:
+        value = -(p * s).sum()
+    g_rows = s.exp_().sub_(p).mul_(1.0 / (temperature * n_counted))
+    if rows is None:
+        return value / n_counted, g_rows
+    g = torch.zeros_like(logits)
+    g[rows] = g_rows
+    return value / n_counted, g
+
+
+def _chunk_terms(
+    logits: Tensor, teacher, rows: Tensor | None, labels: Tensor | None, cfg: dict
+) -> tuple[Tensor, Tensor]:
+    """Value and logit-gradient of one chunk's share of ``KD + ce_weight * CE`` (``None`` skips a term)."""
+    kd, parts = cfg["kd"], []
+    if teacher is not None:
+        if isinstance(teacher, Tensor) and kd["loss"] in _ANALYTIC:
+            parts.append(_kl_value_grad(logits, teacher, rows, kd["loss"], kd["temperature"], cfg["n_kd"]))
+        else:
+
+            def kd_term(z):
+                return kd_rows(z, teacher, rows, **kd).sum() / cfg["n_kd"]
+
+            parts.append(_autograd(kd_term, logits))
+    if labels is not None:
+
+        def ce_term(z):
+            nll = F.cross_entropy(z, labels, ignore_index=cfg["ignore_index"], reduction="sum")
+            return nll * (cfg["ce_weight"] / cfg["n_ce"])
+
+        parts.append(_autograd(ce_term, logits))
+    if len(parts) == 1:
+        return parts[0]
+    return parts[0][0] + parts[1][0], parts[0][1].add_(parts[1][1])
+
+
+class _FusedLinearKD(torch.autograd.Function):
+    """Forward computes the loss and, chunk by chunk, the gradients; backward scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, teacher, mask, labels, cfg):  # noqa: D102
+        n = hidden.shape[0]
+        c = cfg["chunk_size"]
+        need_h, need_w, need_b = cfg["needs_grad"]
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        # Accumulate the head's gradient in float32 (or float64) over chunks: bf16 sums would drift.
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        for start in range(0, n, c):
+            end = min(start + c, n)
+            hc = hidden[start:end]
+            rows = None if mask is None else mask[start:end]
+            kd_part = cfg["n_kd"] > 0 and (rows is None or bool(rows.any()))
+            ce_part = cfg["ce_weight"] > 0 and bool((labels[start:end] != cfg["ignore_index"]).any())
+            if not (kd_part or ce_part):
+                continue
+            # Logits in the input dtype (as a plain `hidden @ weight.T` would be), upcast for the loss.
+            logits = upcast(F.linear(hc, weight, bias))
+            tc = None
+            if kd_part:
+                tc = teacher[start:end] if isinstance(teacher, Tensor) else cfg["slice"](teacher, start, end)
+            lc = labels[start:end] if ce_part else None
+            chunk_loss, g = _chunk_terms(logits, tc, rows, lc, cfg)
+            total += chunk_loss.detach().to(acc)
+            g = g.to(weight.dtype)
+            if need_h:
+                grad_h[start:end] = g @ weight
+            if need_w:
+                if g.dtype == acc:
+                    grad_w.addmm_(g.T, hc)
+                else:
+                    grad_w += (g.T @ hc).to(acc)
+            if need_b:
+                grad_b += g.sum(0).to(acc)
+        ctx.save_for_backward(*(x for x in (grad_h, grad_w, grad_b) if x is not None))
+        ctx.which = (need_h, need_w, need_b)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        saved = iter(ctx.saved_tensors)
+        # The loss is usually the final scalar (grad_out = 1): skip a (V, H) copy then.
+        scale = None if bool(grad_out == 1) else grad_out
+        grads = []
+        for needed, dtype in zip(ctx.which, ctx.dtypes):
+            if needed:
+                g = next(saved)
+                grads.append((g if scale is None else g * scale).to(dtype))
+            else:
+                grads.append(None)
+        return (*grads, None, None, None, None)
+
+
+def fused_linear_kd_loss(
+    student_hidden: Tensor,
+    lm_head_weight: Tensor,
+    teacher: Tensor | SparseTargets,
+    *,
+    loss: str = "forward_kl",
+    chunk_size: int | None = None,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    labels: Tensor | None = None,
+    ce_weight: float = 0.0,
+    lm_head_bias: Tensor | None = None,
+    tail: str = "bucket",
+    **loss_kwargs: float,
+) -> Tensor:
+    """``kd_loss(student_hidden @ lm_head_weight.T + lm_head_bias, teacher, ...) + ce_weight * CE``, chunked.
+
+    Args:
+        student_hidden: ``(N, H)`` (or ``(..., H)``) final hidden states of the student.
+        lm_head_weight: ``(V, H)`` output projection; ``lm_head_bias``: ``(V,)`` or ``None``.
+        teacher: dense teacher logits ``(N, V)`` (constant), or :class:`SparseTargets` ``(N, K)``.
+        loss, temperature, tail, **loss_kwargs: as :func:`distill.losses.kd_loss` (same names, same
+            semantics; mean over counted positions, no T²).
+        chunk_size: rows of logits computed at once; ``None``: ``max(1, 2**22 // V)``.
+        mask: bool ``(N,)``, positions that count for the distillation term.
+        labels: int ``(N,)`` next-token ids for the hard-label term, ``-100`` = ignored (already aligned
+            with the logits: no shifting here). Required when ``ce_weight > 0``.
+        ce_weight: weight of the cross-entropy term, >= 0. CE uses the *unscaled* logits (T = 1) and is
+            the mean over positions whose label is not -100 (0 when there are none).
+
+    Returns:
+        Scalar ``KD + ce_weight * CE`` (float32, or float64 for float64 inputs) whose gradients for
+        ``student_hidden``, ``lm_head_weight`` and ``lm_head_bias`` equal those of the dense computation.
+        Only first derivatives (no double backward).
+    """
+    t = check_temperature(temperature)
+    kd_kwargs = check_loss(loss, loss_kwargs)
+    if tail not in TAILS:
+        raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
+    if not isinstance(student_hidden, Tensor) or not student_hidden.dtype.is_floating_point:
+        raise ValueError("student_hidden must be a float tensor of shape (N, H)")
+    if not isinstance(lm_head_weight, Tensor) or lm_head_weight.dim() != 2:
+        raise ValueError("lm_head_weight must be a float tensor of shape (V, H)")
+    v, h = lm_head_weight.shape
+    if student_hidden.dim() < 1 or student_hidden.shape[-1] != h:
+        raise ValueError(
+            f"student_hidden must be (N, {h}) to match lm_head_weight {tuple(lm_head_weight.shape)}, "
+            f"got {tuple(student_hidden.shape)}"
+        )
+    if lm_head_bias is not None and tuple(lm_head_bias.shape) != (v,):
+        raise ValueError(f"lm_head_bias must have shape ({v},), got {tuple(lm_head_bias.shape)}")
+    rows_shape = tuple(student_hidden.shape[:-1])
+    n = math.prod(rows_shape)
+    check_mask(mask, rows_shape, "student hidden states")
+    if isinstance(teacher, SparseTargets):
+        check_against_vocab(teacher, v, torch.Size(rows_shape), mask, loss, student_hidden.device)
+        teacher = map_targets(teacher, lambda x: x.reshape(n, x.shape[-1]))
+    elif isinstance(teacher, Tensor):
+        if tuple(teacher.shape) != (*rows_shape, v):
+            raise ValueError(
+                f"teacher logits must have shape {(*rows_shape, v)} (positions x the head's vocabulary), "
+                f"got {tuple(teacher.shape)}"
+            )
+        teacher = teacher.detach().reshape(n, v)
+    else:
+        raise ValueError(f"teacher must be a logits tensor or SparseTargets, got {type(teacher).__name__}")
+    cw = float(ce_weight)
+    if not math.isfinite(cw) or cw < 0:
+        raise ValueError(f"ce_weight must be a finite number >= 0, got {ce_weight!r}")
+    n_ce = 0
+    if cw > 0:
+        if labels is None:
+            raise ValueError("labels are required when ce_weight > 0")
+        if tuple(labels.shape) != rows_shape or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise ValueError(
+                f"labels must be integer ids of shape {rows_shape}, got {labels.dtype} {tuple(labels.shape)}"
+            )
+        labels = labels.reshape(n)
+        counted = labels != -100
+        bad = counted & ((labels < 0) | (labels >= v))
+        if bool(bad.any()):
+            raise ValueError(f"labels must be in [0, {v - 1}] or -100, got {labels[bad][0].item()}")
+        n_ce = int(counted.sum())
+    if chunk_size is None:
+        chunk_size = default_chunk_size(v)
+    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1 or None, got {chunk_size!r}")
+    flat_mask = None if mask is None else mask.reshape(n)
+    cfg = {
+        "chunk_size": chunk_size,
+        "needs_grad": (
+            student_hidden.requires_grad,
+            lm_head_weight.requires_grad,
+            lm_head_bias is not None and lm_head_bias.requires_grad,
+        ),
+        "n_kd": n if flat_mask is None else int(flat_mask.sum()),
+        "n_ce": max(n_ce, 1),
+        "ce_weight": cw if n_ce > 0 else 0.0,
+        "ignore_index": -100,
+        "kd": {"loss": loss, "temperature": t, "tail": tail, "loss_kwargs": kd_kwargs},
+        "slice": lambda targets, a, b: map_targets(targets, lambda x: x[a:b]),
+    }
+    return _FusedLinearKD.apply(
+        student_hidden.reshape(n, h), lm_head_weight, lm_head_bias, teacher, flat_mask, labels, cfg
+    )

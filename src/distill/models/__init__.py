@@ -1,0 +1,19 @@
+"""Stage 1, models: teachers and students behind one small Protocol.
+
+Owns: the `Teacher` Protocol with `Request`, `Completion` and `GenerationSettings` (`base.py`), a
+local `transformers` causal LM (`hf.py`), any OpenAI-compatible HTTP(S) endpoint (`api.py` over the
+transport in `http.py`), fingerprints of weights and vocabularies (`identity.py`) and tiny models
+built in code for tests and demos (`tiny.py`).
+May import: the shared modules only.
+"""
+
+from distill._compat import lazy_exports
+from distill.models.base import Completion, GenerationSettings, Request, Teacher
+
+_EXPORTS = {
+    "HFTeacher": "distill.models.hf",
+    "APITeacher": "distill.models.api",
+    "APIError": "distill.models.api",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = ["Completion", "GenerationSettings", "Request", "Teacher", *sorted(_EXPORTS)]

@@ -1,0 +1,95 @@
+"""Fitting a `Router` on real models: run student and teacher, fit on a calibration split, check the rest.
+
+This is what `distill route fit` does; `distill.route.router` itself stays free of model code so a server
+can load a router without torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from distill.route.router import SIGNALS, Router, routed_outcome, split_indices
+
+
+def calibrate_on_models(
+    router: Router,
+    student: Any,
+    teacher: Any,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    eval_cfg: Any = None,
+    holdout: float = 0.3,
+    seed: int = 0,
+    ood_scorer: Any = None,
+    text_column: str | None = None,
+    prices: Any = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run both models on ``rows``, fit ``router`` on a calibration split and check it on the rest.
+
+    ``student``/``teacher`` are `distill.evaluate.runners` runners. Per input, the features are the student's
+    `confidence_signals`, ``student_quality`` and ``teacher_quality`` (the eval metric against the
+    gold answer, or the teacher's answer), and ``ood`` from a fitted ``ood_scorer`` when given.
+    With ``prices``, the router's costs are set to dollars per 1M requests (teacher: token prices or
+    hourly price over measured throughput; student: hourly price over measured throughput).
+    Returns a report: ``calibration`` and ``held_out`` outcomes, sizes and ``excluded`` inputs.
+    """
+    from distill.evaluate import EvalConfig, run_pair
+
+    records, excl = run_pair(student, teacher, rows, eval_cfg or EvalConfig(), progress=progress)
+    if len(records) < 2:
+        raise ValueError(f"only {len(records)} of {len(rows)} inputs could be answered by both models")
+    features: dict[str, list[float]] = {"student_quality": [], "teacher_quality": []}
+    for r in records:
+        for name in SIGNALS:
+            features.setdefault(name, []).append(r["signals"].get(name, math.nan))
+        features["student_quality"].append(r["student_quality"])
+        features["teacher_quality"].append(r["teacher_quality"])
+    if ood_scorer is not None:
+        from distill.workload.embed import row_text
+
+        texts = [row_text(rows[r["index"]], text_column, f"input row {r['index']}") for r in records]
+        features["ood"] = list(ood_scorer.score(texts))
+    if prices is not None:
+        router.teacher_cost, router.student_cost = _costs_per_1m(records, prices)
+    cols = {k: np.asarray(v, dtype=np.float64) for k, v in features.items()}
+    cal, test = split_indices(len(records), holdout, seed)
+    router.fit({k: v[cal] for k, v in cols.items()})
+    return {
+        "n_inputs": len(rows),
+        "n_answered": len(records),
+        "excluded": excl.to_dict(),
+        "latency_ms_mean": {
+            w: float(np.mean([r[w].latency_ms for r in records])) for w in ("student", "teacher")
+        },
+        "n_calibration": int(cal.size),
+        "n_held_out": int(test.size),
+        "calibration": routed_outcome(router, {k: v[cal] for k, v in cols.items()}),
+        "held_out": routed_outcome(router, {k: v[test] for k, v in cols.items()}) if test.size else None,
+        "features": {k: v.tolist() for k, v in cols.items()},
+        "split": {"calibration": cal.tolist(), "held_out": test.tolist()},
+    }
+
+
+def _costs_per_1m(records: Sequence[Mapping[str, Any]], prices: Any) -> tuple[float, float]:
+    """(teacher, student) dollars per 1M requests from measured latencies and token counts."""
+
+    def per_1m(who: str, hourly: float | None, token: Any) -> float:
+        answers = [r[who] for r in records]
+        if token is not None and any(a.input_tokens or a.output_tokens for a in answers):
+            n_in = float(np.mean([a.input_tokens for a in answers]))
+            n_out = float(np.mean([a.output_tokens for a in answers]))
+            return token.cost(n_in, n_out) * 1e6
+        if hourly is None:
+            raise ValueError(f"{prices.source}: no price for the {who} ([{who}] token prices or hourly_usd)")
+        rps = 1000.0 / float(np.mean([a.latency_ms for a in answers]))
+        return hourly / 3600.0 / rps * 1e6
+
+    return (
+        per_1m("teacher", prices.teacher_hourly_usd, prices.teacher),
+        per_1m("student", prices.student_hourly_usd, None),
+    )

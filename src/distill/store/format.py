@@ -1,0 +1,128 @@
+"""The store's on-disk format: constants, the shard schema, record keys, manifest and failure files.
+
+Shared by the reader (`distill.store.reader`) and the writer (`distill.store.writer`); imports
+neither, so they do not import each other. The format is described in docs/store.md.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT = "distill.store"
+VERSION = 1
+MANIFEST = "manifest.json"
+FAILURES = "failures.jsonl"
+SHARD_GLOB = "shard-*.parquet"
+IGNORE = -100
+"""Label of positions that are not trained on (prompt tokens), as in PyTorch's cross-entropy."""
+FLOAT16_MIN = float(np.finfo(np.float16).min)
+
+_COLUMNS = (
+    "key",
+    "id",
+    "prompt",
+    "is_chat",
+    "completion",
+    "finish_reason",
+    "prompt_token_ids",
+    "completion_token_ids",
+    "topk_ids",
+    "topk_logprobs",
+    "prompt_tokens",
+    "completion_tokens",
+)
+
+
+def schema():
+    """The Arrow schema of a shard.
+
+    ``topk_ids``/``topk_logprobs`` are byte blobs of row-major ``(n_completion, k)`` arrays:
+    little-endian int32 ids and float16 log-probabilities (6·k bytes per token before compression).
+    Blobs rather than Parquet lists: a list stores repetition levels per value, which makes reading
+    several times slower; a blob is one value per record and decodes with ``np.frombuffer``."""
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("key", pa.string()),
+            ("id", pa.string()),
+            ("prompt", pa.string()),
+            ("is_chat", pa.bool_()),
+            ("completion", pa.string()),
+            ("finish_reason", pa.string()),
+            ("prompt_token_ids", pa.list_(pa.int32())),
+            ("completion_token_ids", pa.list_(pa.int32())),
+            ("topk_ids", pa.binary()),
+            ("topk_logprobs", pa.binary()),
+            ("prompt_tokens", pa.int64()),
+            ("completion_tokens", pa.int64()),
+        ]
+    )
+
+
+def canonical(obj: Any) -> str:
+    """Deterministic JSON (sorted keys, no spaces) used for hashing."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """sha256 (hex) of a store's setup: ``{"teacher", "tokenizer", "settings", "k", "capture_temperature"}``."""
+    return hashlib.sha256(canonical(config).encode("utf-8")).hexdigest()
+
+
+def record_key(cfg_hash: str, prompt: str | None, messages: Any, user_id: str | None) -> str:
+    """The content hash naming a record: setup hash + prompt text or messages + the user's id (if any).
+
+    32 hex digits (128 bits). Any change of model, settings, k or prompt text gives another key."""
+    body = canonical({"setup": cfg_hash, "prompt": prompt, "messages": messages, "id": user_id})
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()[:32]
+
+
+def _shard_ok(path: Path) -> bool:
+    """A shard is usable when its Parquet footer reads and its columns are ours (a torn write fails)."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_metadata(path)
+        return set(_COLUMNS) <= set(meta.schema.to_arrow_schema().names)
+    except Exception:  # any unreadable file is a torn write: it is redone, not trusted
+        return False
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of store ``path`` (``ValueError`` naming the file when it is not one)."""
+    mpath = Path(path) / MANIFEST
+    if not mpath.is_file():
+        raise FileNotFoundError(f"{path}: not a distill store (no {MANIFEST})")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{mpath}: not valid JSON ({err.msg})") from None
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{mpath}: not a distill store manifest (format {manifest.get('format')!r})")
+    if manifest.get("version") != VERSION:
+        raise ValueError(f"{mpath}: store version {manifest.get('version')!r}, this distill reads {VERSION}")
+    return manifest
+
+
+def read_failures(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Failures logged in ``path/failures.jsonl``, latest per key. A torn (partial) last line is skipped."""
+    fpath = Path(path) / FAILURES
+    out: dict[str, dict[str, Any]] = {}
+    if not fpath.is_file():
+        return out
+    with builtins.open(fpath, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the half-written last line of a killed run
+            if isinstance(row, dict) and "key" in row:
+                out[row["key"]] = row
+    return out

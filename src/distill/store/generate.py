@@ -1,0 +1,416 @@
+"""`generate`: send prompts to a teacher and keep its answers in a store, resumably.
+
+The loop, in order: read and validate every prompt (before any request); derive each prompt's key
+(a content hash of the store's setup and the prompt, `distill.store.record_key`); open the store
+(which repairs what a killed run left and knows the keys already done); send only the rest, with
+bounded concurrency (HTTP teachers) or in batches (local teachers); commit answers as shards every
+``flush_every`` records or ``flush_seconds``; log failures to ``failures.jsonl`` (the next run
+retries them). Store writes (shard commits and failure lines, each fsynced) run in order on one
+background thread, at most one shard commit behind the request loop, so a commit does not hold
+back the next requests; an error there stops the run at the next commit or at the end. A prompt therefore ends in the store or in the failures, never in both, and a
+re-run after ``kill -9`` finishes the rest: nothing is lost (uncommitted answers are asked again)
+and nothing is duplicated (a committed key is never asked again).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distill import store
+from distill.data import read_table
+from distill.models.base import GenerationSettings, Request, Teacher
+from distill.store import writer as store_writer
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One validated prompt: ``user_id`` as given (None when the file has no id), text or messages."""
+
+    key: str
+    user_id: str | None
+    prompt: str | None
+    messages: tuple[dict[str, str], ...] | None
+
+    @property
+    def record_id(self) -> str:
+        """The record's ``id``: the user's id, or the content-hash key when none was given."""
+        return self.user_id if self.user_id is not None else self.key
+
+
+@dataclass
+class GenerateResult:
+    """What a `generate` run did. Token counts are those the teacher reported (or counted)."""
+
+    total: int
+    """Distinct prompts in the file (identical prompts without ids count once)."""
+    done_before: int
+    """Prompts already in the store when the run started (no request made for them)."""
+    answered: int = 0
+    """Prompts answered and committed by this run."""
+    failed: int = 0
+    """Prompts that failed in this run (logged to failures.jsonl, retried by the next run)."""
+    left: int = 0
+    """Prompts not attempted (the budget stopped the run)."""
+    without_topk: int = 0
+    """Answers committed without top-k data although k > 0 (the endpoint gave none)."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float | None = None
+    """USD, when prices were given."""
+    stopped_by_budget: bool = False
+    seconds: float = 0.0
+    repaired: list[str] = field(default_factory=list)
+    """What opening the store repaired (temporary files, torn shards)."""
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+def load_prompts(path: str | Path) -> list[dict[str, Any]]:
+    """Rows ``{"id": str | None, "prompt": str | None, "messages": tuple | None}`` from a JSONL/JSON
+    (``{"id"?, "prompt"}`` or ``{"id"?, "messages"}``), CSV or Parquet (a ``prompt`` column) file.
+
+    Every row is checked before any request; errors name the file and the row (1-based)."""
+    rows = read_table(path)
+    if not rows:
+        raise ValueError(f"{path}: no prompts")
+    out, seen = [], {}
+    for n, row in enumerate(rows, 1):
+        where = f"{path}: row {n}"
+        prompt, messages, rid = row.get("prompt"), row.get("messages"), row.get("id")
+        if isinstance(messages, str) and messages.strip().startswith("["):  # CSV/Parquet: JSON text
+            try:
+                messages = json.loads(messages)
+            except json.JSONDecodeError:
+                raise ValueError(f"{where}: 'messages' is not valid JSON") from None
+        if (prompt is None) == (messages is None):
+            raise ValueError(f"{where}: give exactly one of 'prompt' and 'messages' (keys: {sorted(row)})")
+        if prompt is not None and (not isinstance(prompt, str) or not prompt):
+            raise ValueError(f"{where}: 'prompt' must be a non-empty string, got {prompt!r:.60}")
+        if messages is not None:
+            if not isinstance(messages, list | tuple) or not messages:
+                raise ValueError(f"{where}: 'messages' must be a non-empty list, got {messages!r:.60}")
+            for m in messages:
+                if not (
+                    isinstance(m, dict)
+                    and isinstance(m.get("role"), str)
+                    and isinstance(m.get("content"), str)
+                ):
+                    raise ValueError(
+                        f"{where}: each message needs string 'role' and 'content', got {m!r:.60}"
+                    )
+            messages = tuple({"role": m["role"], "content": m["content"]} for m in messages)
+        if rid is not None:
+            if isinstance(rid, bool) or not isinstance(rid, str | int) or str(rid) == "":
+                raise ValueError(f"{where}: 'id' must be a non-empty string or integer, got {rid!r}")
+            rid = str(rid)
+            if rid in seen:
+                raise ValueError(f"{where}: id {rid!r} repeats row {seen[rid]}; ids must be unique")
+            seen[rid] = n
+        out.append({"id": rid, "prompt": prompt, "messages": messages})
+    return out
+
+
+def store_config(teacher: Teacher | Sequence[Teacher], settings: GenerationSettings) -> dict[str, Any]:
+    """The store's setup: what every key hashes. Replicas must share their identity (endpoints aside)."""
+    teachers = _as_list(teacher)
+    idents = [t.identity() for t in teachers]
+    core = [{k: v for k, v in i.items() if k != "endpoints"} for i in idents]
+    if any(store.canonical(c) != store.canonical(core[0]) for c in core):
+        raise ValueError(f"teachers given together must serve the same model; identities differ: {core!r}")
+    ident = dict(idents[0])
+    if any("endpoints" in i for i in idents):
+        ident["endpoints"] = sorted({e for i in idents for e in i.get("endpoints", [])})
+    model_dir = getattr(teachers[0], "model_dir", None)
+    return {
+        "teacher": ident,
+        "weights": weights_fingerprint(model_dir) if model_dir is not None else None,
+        "tokenizer": ident.get("tokenizer"),
+        "settings": asdict(settings),
+        "k": int(settings.top_logprobs),
+        "capture_temperature": float(ident.get("capture_temperature", 1.0)),
+    }
+
+
+def weights_fingerprint(model_dir: str | Path, sample: int = 1 << 20) -> str:
+    """sha256 over each weight file's name, size, first and last ``sample`` bytes (hex).
+
+    A local teacher's identity names its directory, not its weights: retrained weights saved to
+    the same directory must not reuse old records. Sampling keeps this fast for large checkpoints
+    (any real retraining changes the first tensors' bytes)."""
+    h = hashlib.sha256()
+    files = sorted(Path(model_dir).glob("*.safetensors")) or sorted(Path(model_dir).glob("*.bin"))
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}:".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(sample))
+            fh.seek(max(0, size - sample))
+            h.update(fh.read(sample))
+    return h.hexdigest()
+
+
+def _as_list(teacher) -> list:
+    teachers = list(teacher) if isinstance(teacher, list | tuple) else [teacher]
+    if not teachers:
+        raise ValueError("no teacher given")
+    return teachers
+
+
+def generate(
+    teacher: Teacher | Sequence[Teacher],
+    prompts_path: str | Path,
+    out: str | Path,
+    *,
+    settings: GenerationSettings,
+    concurrency: int = 8,
+    budget_tokens: int | None = None,
+    price: Any = None,
+    flush_every: int = 64,
+    flush_seconds: float = 2.0,
+    progress: bool = True,
+    console: Any = None,
+) -> GenerateResult:
+    """Answer every prompt of ``prompts_path`` not yet in store ``out``; see the module docstring.
+
+    ``teacher``: one teacher or several replicas of one model (used round-robin). A teacher with
+    ``remote = True`` (`APITeacher`) gets up to ``concurrency`` requests at once (in total, over all
+    replicas); others get batches
+    of their ``batch_size`` one at a time. ``budget_tokens``: stop sending before the tokens spent by
+    this run (prompt + completion, the in-flight requests counted at their upper bound) would pass
+    it. ``price``: a `distill.prices.TokenPrice` for the cost column. ``flush_every``/``flush_seconds``:
+    commit a shard after that many answers or seconds (what a ``kill -9`` can cost in re-asking).
+    """
+    teachers = _as_list(teacher)
+    if int(concurrency) < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency!r}")
+    if budget_tokens is not None and int(budget_tokens) < 1:
+        raise ValueError(f"budget_tokens must be >= 1, got {budget_tokens!r}")
+    if int(flush_every) < 1 or not flush_seconds > 0:
+        raise ValueError(
+            f"flush_every must be >= 1 and flush_seconds > 0, got {flush_every!r}, {flush_seconds!r}"
+        )
+    rows = load_prompts(prompts_path)
+    config = store_config(teachers, settings)
+    chash = store.config_hash(config)
+    prompts: dict[str, Prompt] = {}
+    for r in rows:
+        p = Prompt(
+            store.record_key(chash, r["prompt"], r["messages"], r["id"]), r["id"], r["prompt"], r["messages"]
+        )
+        prompts.setdefault(p.key, p)  # identical prompts without ids: one request, one record
+    t0 = time.monotonic()
+    with store_writer.StoreWriter(out, config) as writer:
+        for p in prompts.values():
+            old = writer.ids.get(p.record_id)
+            if old is not None and old != p.key:
+                raise ValueError(
+                    f"{prompts_path}: prompt id {p.record_id!r} was answered before in {out} for another "
+                    "prompt text; give the changed prompt a new id or use a new --out (no stale records)"
+                )
+        todo = [p for p in prompts.values() if p.key not in writer.done]
+        result = GenerateResult(
+            total=len(prompts), done_before=len(prompts) - len(todo), repaired=writer.repaired
+        )
+        if todo and not writer.manifest.get("tokenizer") and hasattr(teachers[0], "tokenizer_info"):
+            writer.manifest["tokenizer"] = teachers[0].tokenizer_info()  # an API model card's tokenizer
+        if todo:
+            _run(
+                teachers,
+                todo,
+                writer,
+                settings,
+                int(concurrency),
+                budget_tokens,
+                price,
+                result,
+                flush_every,
+                flush_seconds,
+                progress,
+                console,
+            )
+    result.seconds = time.monotonic() - t0
+    return result
+
+
+class _Budget:
+    """Tokens spent plus tokens reserved by requests in flight (each at its upper bound)."""
+
+    def __init__(self, limit: int | None, max_new: int) -> None:
+        self.limit, self.max_new = limit, max_new
+        self.spent = self.reserved = 0
+        self.chars = self.prompt_tokens = 0  # observed prompt size, to bound the next prompts
+
+    def estimate(self, prompts: list[Prompt], teacher) -> int:
+        total = 0
+        for p in prompts:
+            if hasattr(teacher, "encode"):  # a local teacher counts exactly
+                n = len(teacher.encode(Request(p.record_id, p.prompt, p.messages)))
+            else:
+                chars = len(p.prompt or store.canonical(list(p.messages or ())))
+                ratio = self.prompt_tokens / self.chars if self.chars else 1.0
+                n = math.ceil(chars * min(1.0, ratio * 1.5)) + 16
+            total += n + self.max_new
+        return total
+
+    def allows(self, cost: int) -> bool:
+        return self.limit is None or self.spent + self.reserved + cost <= self.limit
+
+
+def _run(
+    teachers,
+    todo,
+    writer,
+    settings,
+    concurrency,
+    budget_tokens,
+    price,
+    result,
+    flush_every,
+    flush_seconds,
+    progress,
+    console,
+) -> None:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    remote = bool(getattr(teachers[0], "remote", False))
+    workers = concurrency if remote else 1
+    chunk = 1 if remote else max(1, int(getattr(teachers[0], "batch_size", 8)))
+    jobs = [todo[i : i + chunk] for i in range(0, len(todo), chunk)]
+    budget = _Budget(budget_tokens, settings.max_new_tokens)
+    k = int(settings.top_logprobs)
+    buffer: list[dict[str, Any]] = []
+    pending_spent = {"prompt_tokens": 0, "completion_tokens": 0, "cost": 0.0}
+    last_flush = time.monotonic()
+    console = console or Console(stderr=True)
+    columns = [
+        TextColumn("[bold]generate"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("failed {task.fields[failed]}  tokens {task.fields[tokens]:,}  {task.fields[cost]}"),
+        TimeElapsedColumn(),
+    ]
+
+    # One thread does every store write, in submission order (`StoreWriter` is not thread-safe).
+    # A commit takes ~10-30 ms (Parquet, fsyncs): done in the loop it left finished requests
+    # uncollected and their slots idle (~2% of the rate at concurrency 32, docs/store.md).
+    store_thread = ThreadPoolExecutor(1, thread_name_prefix="distill-store")
+    store_ops: list[Future] = []
+
+    def settle(block: bool) -> None:
+        """Raise the first store error; with ``block``, wait for every write sent so far."""
+        for op in list(store_ops):
+            if block or op.done():
+                store_ops.remove(op)
+                op.result()
+
+    def fail(*args) -> None:
+        store_ops.append(store_thread.submit(writer.fail, *args))
+
+    def flush() -> None:
+        nonlocal last_flush, pending_spent
+        settle(block=True)  # at most one commit in flight: bounded memory, errors surface promptly
+        store_ops.append(store_thread.submit(writer.write, list(buffer), spent=pending_spent))
+        buffer.clear()
+        pending_spent = {"prompt_tokens": 0, "completion_tokens": 0, "cost": 0.0}
+        last_flush = time.monotonic()
+
+    def ask(teacher, batch: list[Prompt]):
+        reqs = [Request(p.key, p.prompt, p.messages) for p in batch]
+        return teacher.complete(reqs, settings)
+
+    with (
+        Progress(*columns, console=console, disable=not progress) as bar,
+        ThreadPoolExecutor(workers) as pool,
+    ):
+        task = bar.add_task("generate", total=len(todo), failed=0, tokens=0, cost="")
+        inflight: dict[Future, tuple[list[Prompt], int]] = {}
+        next_job, rr = 0, 0
+        try:
+            while next_job < len(jobs) or inflight:
+                while next_job < len(jobs) and len(inflight) < workers:
+                    batch = jobs[next_job]
+                    cost = budget.estimate(batch, teachers[0]) if budget.limit is not None else 0
+                    if not budget.allows(cost):
+                        break
+                    teacher = teachers[rr % len(teachers)]
+                    rr += 1
+                    budget.reserved += cost
+                    inflight[pool.submit(ask, teacher, batch)] = (batch, cost)
+                    next_job += 1
+                if not inflight:
+                    break
+                finished, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    batch, cost = inflight.pop(fut)
+                    budget.reserved -= cost
+                    _collect(fut, batch, fail, buffer, pending_spent, budget, price, result, k)
+                bar.update(
+                    task,
+                    completed=result.answered + result.failed,
+                    failed=result.failed,
+                    tokens=result.tokens,
+                    cost="" if result.cost is None else f"${result.cost:,.4f}",
+                )
+                if len(buffer) >= flush_every or (buffer and time.monotonic() - last_flush >= flush_seconds):
+                    flush()
+                settle(block=False)
+        finally:
+            for fut in inflight:
+                fut.cancel()
+            try:
+                flush()
+                settle(block=True)
+            finally:
+                store_thread.shutdown(wait=True)
+    result.left = len(todo) - result.answered - result.failed
+    result.stopped_by_budget = result.left > 0
+
+
+def _collect(fut, batch, fail, buffer, spent, budget, price, result, k) -> None:
+    """File one finished job's answers into ``buffer`` and its failures into the store's log
+    (``fail(key, record_id, error, attempts)``, `StoreWriter.fail` on the store thread)."""
+    try:
+        completions = fut.result()
+        by_key = {c.id: c for c in completions}
+        missing = [p.record_id for p in batch if p.key not in by_key]
+        if missing:
+            raise ValueError(f"the teacher's answer lacks prompts {missing[:3]!r}")
+    except Exception as err:  # the whole call failed: every prompt in it is a failure
+        for p in batch:
+            fail(p.key, p.record_id, f"{type(err).__name__}: {err}", getattr(err, "attempts", 1))
+            result.failed += 1
+        return
+    for p in batch:
+        c = by_key[p.key]
+        try:
+            row = store_writer.completion_row(p.key, p.record_id, p.prompt, p.messages, c, k)
+        except ValueError as err:  # e.g. non-finite log-probabilities: never training data
+            fail(p.key, p.record_id, f"ValueError: {err}", 1)
+            result.failed += 1
+            continue
+        buffer.append(row)
+        result.answered += 1
+        result.without_topk += int(bool(k) and row["topk_ids"] is None)
+        pt, ct = row["prompt_tokens"], row["completion_tokens"]
+        result.prompt_tokens += pt
+        result.completion_tokens += ct
+        spent["prompt_tokens"] += pt
+        spent["completion_tokens"] += ct
+        budget.spent += pt + ct
+        budget.prompt_tokens += pt
+        budget.chars += len(p.prompt or store.canonical(list(p.messages or ())))
+        if price is not None:
+            c_usd = price.cost(pt, ct)
+            result.cost = (result.cost or 0.0) + c_usd
+            spent["cost"] += c_usd

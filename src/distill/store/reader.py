@@ -1,0 +1,189 @@
+"""Reading a store: `open` returns a `Store` that streams records shard by shard and yields training tensors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distill.store.format import IGNORE, SHARD_GLOB, _shard_ok, read_failures, read_manifest
+
+# --- reading ----------------------------------------------------------------------------------------
+
+
+def open(path: str | Path) -> Store:  # noqa: A001 - the public name the issue asks for
+    """Open the store at ``path`` for reading (nothing is loaded until iterated)."""
+    return Store(path)
+
+
+class Store:
+    """A read-only view of a store directory.
+
+    ``manifest``: the manifest dict. ``len(store)``: records (from Parquet footers, cheap).
+    Iterating yields record dicts (see `Store.__iter__`); `examples` yields training tensors.
+    ``rejected``: counts of records `examples` left out, by reason.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"no such store directory: {self.path}")
+        self.manifest = read_manifest(self.path)
+        self.k = int(self.manifest.get("k") or 0)
+        self.shards = [p for p in sorted(self.path.glob(SHARD_GLOB)) if _shard_ok(p)]
+        self.rejected: dict[str, int] = {}
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.path)!r}, records={len(self)}, k={self.k})"
+
+    def __len__(self) -> int:
+        import pyarrow.parquet as pq
+
+        return sum(pq.read_metadata(p).num_rows for p in self.shards)
+
+    def batches(self, columns: Iterable[str] | None = None, batch_size: int = 4096) -> Iterator[Any]:
+        """Arrow record batches of the shards in order, ``batch_size`` rows at a time (streaming)."""
+        import pyarrow.parquet as pq
+
+        cols = list(columns) if columns is not None else None
+        for shard in self.shards:
+            pf = pq.ParquetFile(shard)
+            for g in range(pf.num_row_groups):  # one row group in memory at a time
+                yield from pf.read_row_group(g, columns=cols, use_threads=False).to_batches(
+                    max_chunksize=batch_size
+                )
+
+    def keys(self) -> list[str]:
+        """Every record's key, in store order."""
+        return [k for b in self.batches(["key"]) for k in b.column("key").to_pylist()]
+
+    def failures(self) -> list[dict[str, Any]]:
+        """Prompts that failed and are not in the store: ``{"key", "id", "error", "attempts", "time"}``."""
+        done = set(self.keys())
+        return [v for k, v in read_failures(self.path).items() if k not in done]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Records as dicts: ``key``, ``id``, ``prompt`` (str, or a list of messages for chats),
+        ``completion``, ``finish_reason``, ``prompt_token_ids``, ``completion_token_ids`` (lists or None),
+        ``topk_ids``/``topk_logprobs`` (``n_completion`` lists of k, or None), ``usage``."""
+        k = self.k
+        for batch in self.batches():
+            for row in batch.to_pylist():
+                for name, dtype in (("topk_ids", "<i4"), ("topk_logprobs", "<f2")):
+                    blob = row[name]
+                    row[name] = None if blob is None else np.frombuffer(blob, dtype).reshape(-1, k).tolist()
+                if row.pop("is_chat"):
+                    row["prompt"] = json.loads(row["prompt"])
+                row["usage"] = {
+                    "prompt_tokens": row.pop("prompt_tokens"),
+                    "completion_tokens": row.pop("completion_tokens"),
+                }
+                yield row
+
+    def _reject(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    def examples(self, max_length: int | None = None, tokenizer: Any = None) -> Iterator[dict[str, Any]]:
+        """Training-ready examples, streamed one record batch at a time.
+
+        Each is ``{"id": str, "input_ids": (L,) long, "labels": (L,) long}`` plus, for records with
+        top-k data, ``"topk_ids": (L, K) long, "topk_logprobs": (L, K) float32``. ``input_ids`` =
+        prompt ids + completion ids; ``labels`` is -100 on prompt positions and the token id on
+        completion positions; top-k row i is the teacher's distribution for the token at position i
+        (given tokens < i), zero on prompt positions. ``max_length`` cuts sequences from the end; a
+        record left without completion tokens is skipped. Records with NaN/inf log-probabilities are
+        skipped. Skips are counted in ``self.rejected``. Records without token ids (a black-box API)
+        are tokenised with ``tokenizer`` (chats through its chat template); without one they are an error.
+        """
+        import torch
+
+        k = self.k
+        cols = ["id", "prompt", "is_chat", "completion", "prompt_token_ids", "completion_token_ids"]
+        cols += ["topk_ids", "topk_logprobs"]
+        for batch in self.batches(cols):
+            ids = batch.column("id").to_pylist()
+            p_off, p_val, p_null = _list_parts(batch.column("prompt_token_ids"))
+            c_off, c_val, c_null = _list_parts(batch.column("completion_token_ids"))
+            t_off, t_buf, t_null = _blob_parts(batch.column("topk_ids"))
+            l_off, l_buf, _ = _blob_parts(batch.column("topk_logprobs"))
+            # One check for the whole batch; per record only when something is not finite.
+            all_finite = bool(np.isfinite(np.frombuffer(l_buf, "<f2", count=len(l_buf) // 2)).all())
+            for i, rid in enumerate(ids):
+                if p_null[i] or c_null[i]:
+                    prompt_ids, comp_ids = self._tokenize(batch, i, tokenizer)
+                else:
+                    prompt_ids = p_val[p_off[i] : p_off[i + 1]]
+                    comp_ids = c_val[c_off[i] : c_off[i + 1]]
+                P, C = len(prompt_ids), len(comp_ids)
+                L = P + C if max_length is None else min(P + C, max_length)
+                if L <= P:
+                    self._reject("no completion tokens within max_length" if C else "empty completion")
+                    continue
+                input_ids = np.concatenate([prompt_ids, comp_ids]).astype(np.int64)[:L]
+                labels = np.full(L, IGNORE, dtype=np.int64)
+                labels[P:] = input_ids[P:]
+                ex = {"id": rid, "input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
+                if k and not t_null[i]:
+                    n = (L - P) * k
+                    if t_off[i + 1] - t_off[i] < 4 * C * k or l_off[i + 1] - l_off[i] < 2 * C * k:
+                        self._reject("top-k data shorter than the completion")
+                        continue
+                    lp = np.frombuffer(l_buf, "<f2", count=n, offset=int(l_off[i]))
+                    if not all_finite and not np.isfinite(lp).all():
+                        self._reject("non-finite log-probabilities")
+                        continue
+                    top_ids = np.empty((L, k), dtype=np.int64)
+                    top_lps = np.empty((L, k), dtype=np.float32)
+                    top_ids[:P] = 0
+                    top_lps[:P] = 0.0
+                    top_ids[P:] = np.frombuffer(t_buf, "<i4", count=n, offset=int(t_off[i])).reshape(L - P, k)
+                    top_lps[P:] = lp.reshape(L - P, k)
+                    ex["topk_ids"] = torch.from_numpy(top_ids)
+                    ex["topk_logprobs"] = torch.from_numpy(top_lps)
+                yield ex
+
+    def _tokenize(self, batch, i: int, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+        rid = batch.column("id")[i].as_py()
+        if tokenizer is None:
+            raise ValueError(
+                f"{self.path}: record {rid!r} has no token ids (a black-box teacher); pass a tokenizer"
+            )
+        prompt = batch.column("prompt")[i].as_py()
+        if batch.column("is_chat")[i].as_py():
+            text = tokenizer.apply_chat_template(
+                json.loads(prompt), tokenize=False, add_generation_prompt=True
+            )
+            p = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            p = tokenizer(prompt)["input_ids"]
+        c = tokenizer(batch.column("completion")[i].as_py(), add_special_tokens=False)["input_ids"]
+        return np.asarray(p, dtype=np.int64), np.asarray(c, dtype=np.int64)
+
+
+def _blob_parts(col) -> tuple[np.ndarray, Any, np.ndarray]:
+    """(absolute byte offsets (n+1,), the data buffer, is-null (n,)) of an Arrow binary column."""
+    import pyarrow as pa
+
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    nulls = col.is_null().to_numpy(zero_copy_only=False) if col.null_count else np.zeros(len(col), dtype=bool)
+    _, offsets, data = col.buffers()
+    offs = np.frombuffer(offsets, dtype=np.int32)[col.offset : col.offset + len(col) + 1]
+    return offs, (data if data is not None else b""), nulls
+
+
+def _list_parts(col) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(offsets (n+1,), flat values, is-null (n,)) of an Arrow list column, without Python objects."""
+    import pyarrow as pa
+
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    n = len(col)
+    nulls = col.is_null().to_numpy(zero_copy_only=False) if col.null_count else np.zeros(n, dtype=bool)
+    offsets = col.offsets.to_numpy()
+    values = col.values.to_numpy(zero_copy_only=False)
+    # Offsets index into .values, which may start past 0 when the array is a slice.
+    return offsets - offsets[0] if offsets.size else offsets, values[offsets[0] : offsets[-1]], nulls

@@ -1,0 +1,20 @@
+"""Stage 3, training a language-model student: the loop, its config, data, vocabularies, checkpoints.
+
+Owns: `train` (the one training loop, `loop.py`), `TrainConfig` (`config.py`), examples from a store
+or a table (`examples.py`), vocabulary checks (`vocab.py`), atomic checkpoints (`checkpoint.py`),
+multi-process helpers over `accelerate` (`distributed.py`) and trackers (`trackers.py`).
+May import: the shared modules, `distill.losses`, `distill.models`, `distill.store`.
+"""
+
+from distill._compat import lazy_exports
+
+_EXPORTS = {
+    "train": "distill.train.loop",
+    "TrainResult": "distill.train.loop",
+    "accumulate_gradients": "distill.train.loop",
+    "TrainConfig": "distill.train.config",
+    "load_config": "distill.train.config",
+    "MODES": "distill.train.config",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

@@ -1,0 +1,286 @@
+"""Training examples for language-model students, from a store or a table file, and their batches.
+
+An example is a dict::
+
+    {"id": str, "input_ids": LongTensor (L,), "labels": LongTensor (L,), "prompt_len": int,
+     "topk_ids": LongTensor (L, K), "topk_logprobs": FloatTensor (L, K)}   # top-k keys only from a store
+
+``labels`` is -100 on prompt positions (and on padding); row i of the top-k tensors is the teacher's
+distribution for the token at position i given the tokens before it (aligned with ``labels``), so a
+causal LM's ``logits[:, :-1]`` are scored against ``labels[:, 1:]`` and ``topk[:, 1:]``.
+
+Sequences longer than ``max_length`` are truncated from the end and counted in `DataStats`; an
+example with no completion token left, or with non-finite teacher log-probabilities, is skipped and
+counted. Nothing here crashes deep inside the loop: bad input fails at load with a clear message.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+IGNORE = -100
+
+
+@dataclass
+class DataStats:
+    """What loading did to the data; reported by `distill train` and stored in the training result."""
+
+    source: str
+    read: int = 0
+    """Records read from the source."""
+    used: int = 0
+    """Examples kept for training."""
+    truncated: int = 0
+    """Examples cut to ``max_length`` tokens (kept)."""
+    skipped: dict[str, int] = field(default_factory=dict)
+    """Reason -> number of records left out."""
+    has_topk: bool = False
+    """Whether every kept example carries the teacher's top-k log-probabilities."""
+    capture_temperature: float = 1.0
+    """Temperature at which the store's log-probabilities were captured."""
+    manifest: dict[str, Any] = field(default_factory=dict)
+    """The store's manifest (empty for a table file)."""
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    def summary(self) -> str:
+        parts = [f"{self.used} of {self.read} records used from {self.source}"]
+        if self.truncated:
+            parts.append(f"{self.truncated} truncated")
+        parts += [f"{n} skipped: {why}" for why, n in sorted(self.skipped.items())]
+        return "; ".join(parts)
+
+
+def is_store(path: str | Path) -> bool:
+    """A store made by `distill generate` is a directory; a table is a file."""
+    return Path(path).is_dir()
+
+
+def _finish(ids: list[int], labels: list[int], prompt_len: int, max_length: int, stats: DataStats):
+    if len(ids) > max_length:
+        stats.truncated += 1
+        ids, labels = ids[:max_length], labels[:max_length]
+    if not any(lab != IGNORE for lab in labels[1:]):
+        stats.skip("no completion token left (prompt fills max_length)" if prompt_len else "empty text")
+        return None
+    return ids, labels, min(prompt_len, len(ids))
+
+
+def _from_table(path: Path, tokenizer, max_length: int, stats: DataStats) -> list[dict[str, Any]]:
+    from distill.data import read_table
+
+    rows = read_table(path)
+    if not rows:
+        raise ValueError(f"{path}: no rows to train on")
+    cols = set(rows[0])
+    if not ({"prompt", "completion"} <= cols or "text" in cols):
+        raise ValueError(
+            f"{path}: expected 'prompt' and 'completion' columns or a 'text' column, got {sorted(cols)}"
+        )
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    out = []
+    for i, row in enumerate(rows):
+        stats.read += 1
+        rid = str(row.get("id", i))
+        if "prompt" in row and "completion" in row:
+            prompt, completion = row.get("prompt"), row.get("completion")
+            if not isinstance(prompt, str) or not isinstance(completion, str):
+                stats.skip("prompt or completion missing or not text")
+                continue
+            p = tokenizer(prompt)["input_ids"]
+            c = tokenizer(completion, add_special_tokens=False)["input_ids"] + eos
+            ids, labels, plen = p + c, [IGNORE] * len(p) + c, len(p)
+        else:
+            text = row.get("text")
+            if not isinstance(text, str) or not text:
+                stats.skip("text missing or empty")
+                continue
+            ids = tokenizer(text)["input_ids"] + eos
+            labels, plen = list(ids), 0
+        done = _finish(ids, labels, plen, max_length, stats)
+        if done is None:
+            continue
+        ids, labels, plen = done
+        out.append(
+            {
+                "id": rid,
+                "input_ids": torch.tensor(ids, dtype=torch.long),
+                "labels": torch.tensor(labels, dtype=torch.long),
+                "prompt_len": plen,
+            }
+        )
+    return out
+
+
+def _store_as_text(st, tokenizer, max_length: int, stats: DataStats) -> list[dict[str, Any]]:
+    """Records re-tokenised from their text with the student's tokenizer (sequence-level training
+    across tokenizers: the store's token ids belong to the teacher's vocabulary)."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    out = []
+    for rec in st:
+        stats.read += 1
+        prompt, completion = rec.get("prompt"), rec.get("completion")
+        if not isinstance(completion, str) or not completion:
+            stats.skip("empty completion")
+            continue
+        if isinstance(prompt, list):  # a chat: rendered with the student's own template
+            text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            p = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            p = tokenizer(prompt or "")["input_ids"]
+        c = tokenizer(completion, add_special_tokens=False)["input_ids"] + eos
+        done = _finish(p + c, [IGNORE] * len(p) + c, len(p), max_length, stats)
+        if done is None:
+            continue
+        ids, labels, plen = done
+        out.append({"id": str(rec["id"]), "input_ids": torch.tensor(ids, dtype=torch.long),
+                    "labels": torch.tensor(labels, dtype=torch.long), "prompt_len": plen})  # fmt: skip
+    return out
+
+
+def _from_store(
+    path: Path, tokenizer, max_length: int, need_topk: bool, stats: DataStats, token_level: bool
+) -> list[dict[str, Any]]:
+    from distill import store as store_mod
+    from distill.train.vocab import check_store_tokenizer, vocab_hash
+
+    st = store_mod.open(path)
+    manifest = dict(getattr(st, "manifest", {}) or {})
+    stats.manifest = manifest
+    stats.capture_temperature = float(manifest.get("capture_temperature") or 1.0)
+    theirs = (manifest.get("tokenizer") or {}).get("vocab_hash")
+    if theirs and theirs != vocab_hash(tokenizer):
+        if token_level:
+            check_store_tokenizer(manifest, tokenizer, str(path))  # raises, naming both tokenizers
+        return _store_as_text(st, tokenizer, max_length, stats)
+    out = []
+    # The store cuts sequences to max_length and skips (and counts) records with no completion token
+    # left or with non-finite log-probabilities; it tokenises black-box records with the student's tokenizer.
+    for ex in st.examples(max_length=max_length, tokenizer=tokenizer):
+        stats.read += 1
+        labels = ex["labels"]
+        counted = labels != IGNORE
+        plen = int(counted.long().argmax()) if bool(counted.any()) else len(labels)
+        topk = "topk_ids" in ex and "topk_logprobs" in ex
+        if need_topk and not topk:
+            stats.skip("no top-k log-probabilities (black-box teacher or top_k 0)")
+            continue
+        if len(labels) == max_length:
+            stats.truncated += 1  # at the limit: cut, or exactly that long
+        item: dict[str, Any] = {"id": str(ex["id"]), "prompt_len": plen, "input_ids": ex["input_ids"].long()}
+        item["labels"] = labels.long()
+        if topk:
+            lp = ex["topk_logprobs"].float()
+            if not bool(torch.isfinite(lp[counted]).all()):
+                stats.skip("non-finite teacher log-probabilities")
+                continue
+            item["topk_ids"], item["topk_logprobs"] = ex["topk_ids"].long(), lp
+        out.append(item)
+    for reason, n in getattr(st, "rejected", {}).items():
+        stats.read += n
+        stats.skipped[reason] = stats.skipped.get(reason, 0) + n
+    return out
+
+
+def load_examples(
+    data: str | Path, tokenizer, *, max_length: int, need_topk: bool = False, token_level: bool = False
+) -> tuple[list[dict[str, Any]], DataStats]:
+    """Examples from a store directory or a table file, and what loading did (`DataStats`).
+
+    ``need_topk``: keep only store records with top-k log-probabilities (``logits`` mode without a
+    local teacher). ``token_level``: a store captured with another tokenizer is an error (otherwise
+    its records are re-tokenised from their text with ``tokenizer``). Raises ``ValueError`` when nothing usable is left, naming the source and the reasons.
+    """
+    path = Path(data)
+    if not path.exists():
+        raise FileNotFoundError(f"no such data file or store: {path}")
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    stats = DataStats(source=str(path))
+    if is_store(path):
+        examples = _from_store(path, tokenizer, max_length, need_topk, stats, token_level)
+    else:
+        if need_topk:
+            raise ValueError(
+                f"{path}: a table file has no teacher log-probabilities; use a store made by "
+                "`distill generate` with top_logprobs, or give --teacher DIR"
+            )
+        examples = _from_table(path, tokenizer, max_length, stats)
+    stats.used = len(examples)
+    stats.has_topk = bool(examples) and all("topk_ids" in e for e in examples)
+    if not examples:
+        why = ", ".join(f"{n} {r}" for r, n in sorted(stats.skipped.items())) or "it is empty"
+        raise ValueError(f"{path}: no usable training examples ({stats.read} records read; {why})")
+    return examples, stats
+
+
+def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: ``input_ids``/``attention_mask``/``labels`` ``(B, L)`` and, when every
+    example has them, ``topk_ids``/``topk_logprobs`` ``(B, L, K)`` (padding and unlabelled rows: id 0, log-prob -inf, label -100)."""
+    n = max(len(e["input_ids"]) for e in examples)
+    b = len(examples)
+    input_ids = torch.full((b, n), pad_id, dtype=torch.long)
+    labels = torch.full((b, n), IGNORE, dtype=torch.long)
+    mask = torch.zeros((b, n), dtype=torch.long)
+    for i, e in enumerate(examples):
+        m = len(e["input_ids"])
+        input_ids[i, :m], labels[i, :m], mask[i, :m] = e["input_ids"], e["labels"], 1
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    if all("topk_ids" in e for e in examples):
+        k = max(e["topk_ids"].shape[-1] for e in examples)
+        ids = torch.zeros((b, n, k), dtype=torch.long)
+        lps = torch.zeros((b, n, k), dtype=torch.float32)
+        for i, e in enumerate(examples):
+            m, kk = e["topk_ids"].shape
+            ids[i, :m, :kk], lps[i, :m, :kk] = e["topk_ids"], e["topk_logprobs"]
+            if kk < k:  # a record with fewer entries: the missing ones are padding
+                lps[i, :m, kk:] = -math.inf
+        # Rows without a label (prompt, padding) carry no teacher signal: mark every entry as padding.
+        lps[labels == IGNORE] = -math.inf
+        batch["topk_ids"], batch["topk_logprobs"] = ids, lps
+    return batch
+
+
+def collate_prompts(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded prompts ``(B, P)`` for generation (the student continues each prompt)."""
+    prompts = [e["input_ids"][: max(e["prompt_len"], 1)] for e in examples]
+    n = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), n), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, n - len(p) :], mask[i, n - len(p) :] = p, 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+class BatchOrder:
+    """Which examples each optimizer step uses: a fresh seeded permutation per pass over the data.
+
+    Position ``p`` of the endless stream is example ``perm(p // n)[p % n]``, so the order depends only
+    on ``(seed, n)`` and the step: resuming at step s sees exactly the examples an uninterrupted run would.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed = n, seed
+        self._perms: dict[int, list[int]] = {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms = {epoch: torch.randperm(self.n, generator=g).tolist()}
+        return self._perms[epoch]
+
+    def step(self, step: int, global_batch: int) -> list[int]:
+        """Example indices of optimizer step ``step`` (0-based): ``global_batch`` of them."""
+        start = step * global_batch
+        return [self._perm(p // self.n)[p % self.n] for p in range(start, start + global_batch)]
+
+    def position(self, step: int, global_batch: int) -> dict[str, int]:
+        """The data position before ``step``, for checkpoints: epoch and offset into it."""
+        p = step * global_batch
+        return {"epoch": p // self.n, "offset": p % self.n, "examples_seen": p}
