@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     from distill.demos.lm import _eval_ce, _greedy_answers, _params
-    from distill.demos.tasks import exact_match, make_examples, normalise_prediction
+    from distill.demos.tasks import exact_match_rate, make_examples
+    from distill.metrics import exact_match
     from distill.models.hf import HFTeacher
     from distill.models.tiny import save_tiny, tiny_causal_lm
     from distill.train import train
@@ -59,10 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     answers = _greedy_answers(HFTeacher(work / "model", batch_size=32), eval_set)
     per_field = collections.defaultdict(list)
     for e, a in zip(eval_set, answers):
-        per_field[e.field].append(normalise_prediction(a) == e.answer)
+        per_field[e.field].append(exact_match(a, e.answer, first_line=True))
     result = {
         "name": name,
-        "exact_match": exact_match(answers, [e.answer for e in eval_set]),
+        "exact_match": exact_match_rate(answers, [e.answer for e in eval_set]),
         "eval_ce": _eval_ce(work / "model", lm_dir / "data" / "eval_gold.jsonl"),
         "params": _params(work / "model"),
         "train_seconds": seconds,

@@ -82,7 +82,7 @@ def _pick_student(lm_dir: Path, n: int) -> tuple[str, dict[str, float]]:
     inputs (seed 3) use, so the choice does not peek at the routed evaluation."""
     import torch
 
-    from distill.demos.tasks import exact_match, make_examples
+    from distill.demos.tasks import exact_match_rate, make_examples
     from distill.models.base import GenerationSettings, Request
     from distill.models.hf import HFTeacher
 
@@ -94,7 +94,7 @@ def _pick_student(lm_dir: Path, n: int) -> tuple[str, dict[str, float]]:
         answers = [
             c.text for c in HFTeacher(d, batch_size=32).complete(reqs, GenerationSettings(max_new_tokens=24))
         ]
-        scores[d.name] = exact_match(answers, [e.answer for e in select])
+        scores[d.name] = exact_match_rate(answers, [e.answer for e in select])
     if not scores:
         raise FileNotFoundError(f"{lm_dir}/students: no trained student")
     return max(scores, key=lambda k: (scores[k], k == "sft", k)), scores  # ties: a stable choice

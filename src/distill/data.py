@@ -1,9 +1,15 @@
-"""Reading tabular inputs (prompts, production inputs, training pairs) from JSONL, JSON, CSV or Parquet."""
+"""Files in and out, shared by every stage: tables (JSONL, JSON, CSV, Parquet) and durable writes.
+
+`read_table` reads prompts, production inputs and training pairs. `fsync_file`, `fsync_dir` and
+`atomic_write_bytes` are the one way the store and the checkpoints make a write survive a crash:
+write a temporary file, fsync it, rename it over the final name, fsync the directory.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -60,3 +66,37 @@ def require_columns(rows: list[dict[str, Any]], columns: tuple[str, ...], source
         missing = [c for c in columns if c not in row or row[c] is None]
         if missing:
             raise ValueError(f"{source}: row {i} has no {', '.join(repr(m) for m in missing)} column")
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush ``path``'s data to disk."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flush directory ``path``'s entries (a rename or new file in it) to disk.
+
+    Where the platform cannot open a directory (``OSError`` on open) this does nothing: the rename
+    itself is still atomic, only its durability across a power cut is then the file system's."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a fsynced temporary file and a rename (then fsync the directory):
+    a reader sees the old file or the new one, never a part."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)

@@ -1,8 +1,10 @@
-"""Per-input metrics of `distill eval`: text and class matching, user metrics, calibration, top-k KL.
+"""Metrics shared by every stage: text and class matching, user metrics, macro-F1, calibration, top-k KL.
 
-Every metric here is a plain function ``metric(prediction, reference) -> float`` (per input, larger is
-better) or a function of arrays; `METRICS` names the built-in ones. A user's own metric is named on
-the command line as ``module:function`` and imported by `load_metric` only then.
+Every per-input metric is a plain function ``metric(prediction, reference) -> float`` (larger is
+better); the rest are functions of arrays. `METRICS` names the built-in per-input ones (what
+``distill eval --metric`` takes); a user's own metric is named on the command line as
+``module:function`` and imported by `load_metric` only then. The classifier's `compare`, `distill
+eval` and the demos all score with these, so a number means the same everywhere.
 """
 
 from __future__ import annotations
@@ -17,15 +19,19 @@ import numpy as np
 
 
 def normalise_text(text: Any, first_line: bool = False) -> str:
+    """``text`` stripped, runs of white space folded to one space; only its first line if ``first_line``."""
     s = str(text).strip()
     if first_line:
         s = s.split("\n", 1)[0]
     return " ".join(s.split())
 
 
-def exact_match(prediction: Any, reference: Any) -> float:
-    """1.0 when the whitespace-normalised strings are equal, else 0.0."""
-    return float(normalise_text(prediction) == normalise_text(reference))
+def exact_match(prediction: Any, reference: Any, *, first_line: bool = False) -> float:
+    """1.0 when the whitespace-normalised strings are equal, else 0.0.
+
+    ``first_line``: compare only the prediction's first line (a generated answer that goes on after
+    the answer line); the reference is compared whole."""
+    return float(normalise_text(prediction, first_line) == normalise_text(reference))
 
 
 def token_f1(prediction: Any, reference: Any) -> float:
@@ -68,10 +74,17 @@ def load_metric(name: str) -> Callable[[Any, Any], float]:
     return fn
 
 
-def macro_f1(predictions: Sequence[Any], references: Sequence[Any]) -> float:
+def macro_f1(
+    predictions: Sequence[Any], references: Sequence[Any], *, labels: Sequence[Any] | None = None
+) -> float:
+    """Unweighted mean of the per-class F1 over ``labels`` (default: the classes in ``references``).
+
+    Values are compared as strings, so class ids and class names both work; a class never predicted
+    scores 0 (scikit-learn's ``zero_division=0``). Give ``labels`` to count classes absent from the
+    references too (a classifier's ``range(n_classes)``)."""
     from sklearn.metrics import f1_score
 
-    labels = sorted({str(r) for r in references})
+    labels = sorted({str(r) for r in references}) if labels is None else [str(c) for c in labels]
     return float(
         f1_score(
             [str(r) for r in references],
@@ -84,7 +97,11 @@ def macro_f1(predictions: Sequence[Any], references: Sequence[Any]) -> float:
 
 
 def calibration_error(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> float:
-    """Expected calibration error: sum over equal-width bins of share x |accuracy - mean confidence|."""
+    """Expected calibration error: sum over equal-width bins of share x |accuracy - mean confidence|.
+
+    ``confidence``: ``(n,)`` probability of each predicted answer in [0, 1]; ``correct``: ``(n,)`` 1/0
+    (or bool) whether that answer was right. NaN for no inputs."""
+    confidence, correct = np.asarray(confidence, dtype=np.float64), np.asarray(correct, dtype=np.float64)
     if confidence.size == 0:
         return float("nan")
     bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)

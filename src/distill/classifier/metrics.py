@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.classifier.kd import _features, _labels, _logits, count_parameters, predict_logits
+from distill.metrics import calibration_error, macro_f1
 
 # ---------------------------------------------------------------------------------------- calibration
 
@@ -64,22 +65,22 @@ def calibrate_temperature(logits: Any, labels: Any) -> float:
 
 
 def expected_calibration_error(probs: Tensor, labels: Tensor, n_bins: int = 15) -> float:
-    """ECE: sum over equal-width confidence bins of (bin share) * |accuracy - mean confidence|."""
+    """ECE of a classifier's ``(n, C)`` probabilities against ``(n,)`` labels (`distill.metrics.calibration_error`)."""
     conf, pred = probs.max(1)
-    correct = (pred == labels).double()
-    bins = torch.clamp((conf * n_bins).long(), max=n_bins - 1)
-    ece = 0.0
-    for b in range(n_bins):
-        m = bins == b
-        if bool(m.any()):
-            ece += float(m.double().mean()) * abs(float(correct[m].mean()) - float(conf[m].double().mean()))
-    return ece
+    return calibration_error(conf.double().numpy(), (pred == labels).numpy(), n_bins)
 
 
-def _macro_f1(pred: np.ndarray, y: np.ndarray, n_classes: int) -> float:
-    from sklearn.metrics import f1_score
-
-    return float(f1_score(y, pred, labels=list(range(n_classes)), average="macro", zero_division=0))
+@torch.inference_mode()
+def throughput(model: Any, x: Tensor, batch: int = 256) -> float:
+    """Examples per second of ``model`` on ``(n, d)`` inputs ``x`` at batch size ``batch`` (how a
+    classifier is served): ``x`` repeated to at least 4 full batches, after one warm-up batch."""
+    big = x.repeat(max(1, math.ceil(4 * batch / len(x))), 1)
+    model(big[:batch])  # warm-up: the first call allocates
+    n, t0 = 0, time.perf_counter()
+    for i in range(0, len(big) - batch + 1, batch):
+        model(big[i : i + batch])
+        n += batch
+    return n / (time.perf_counter() - t0)
 
 
 @torch.inference_mode()
@@ -95,20 +96,14 @@ def _speed(model: Any, x: Tensor, latency_runs: int, throughput_batch: int) -> d
         t0 = time.perf_counter()
         model(row)
         times.append(time.perf_counter() - t0)
-    reps = max(1, math.ceil(4 * throughput_batch / len(x)))
-    big = x.repeat(reps, 1)
-    n_batches, t0 = 0, time.perf_counter()
-    for i in range(0, len(big) - throughput_batch + 1, throughput_batch):
-        model(big[i : i + throughput_batch])
-        n_batches += 1
-    elapsed = time.perf_counter() - t0
+    per_s = throughput(model, x, throughput_batch)
     if was_training:
         model.train()
     ms = np.array(times) * 1e3
     return {
         "latency_ms_p50": float(np.percentile(ms, 50)),
         "latency_ms_p95": float(np.percentile(ms, 95)),
-        "throughput_per_s": float(n_batches * throughput_batch / elapsed),
+        "throughput_per_s": per_s,
     }
 
 
@@ -157,7 +152,7 @@ def compare(
         kl = (lt.exp() * (lt - ls)).sum(1).mean()
         result[name] = {
             "accuracy": float((pred == labels).double().mean()),
-            "macro_f1": _macro_f1(pred.numpy(), labels.numpy(), z.shape[1]),
+            "macro_f1": macro_f1(pred.tolist(), labels.tolist(), labels=range(z.shape[1])),
             "agreement": float((pred == top_t).double().mean()),
             "kl_to_teacher": max(0.0, float(kl)),
             "ece": expected_calibration_error(ls.exp(), labels),

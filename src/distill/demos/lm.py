@@ -192,7 +192,7 @@ def _greedy_answers(gen, eval_examples) -> list[str]:
 
 def _evaluate(model_dir: Path, eval_examples, eval_rows_path: Path, cfg: LMDemoConfig) -> dict[str, Any]:
     """Exact match (greedy), eval CE of the gold answers (nats/token), params, latency per prompt."""
-    from distill.demos.tasks import exact_match
+    from distill.demos.tasks import exact_match_rate
     from distill.models.base import Request
     from distill.models.hf import HFTeacher
 
@@ -204,7 +204,7 @@ def _evaluate(model_dir: Path, eval_examples, eval_rows_path: Path, cfg: LMDemoC
         gen.complete([r], GREEDY)
     latency = (time.perf_counter() - t0) / max(len(timed), 1)
     return {
-        "exact_match": exact_match(answers, [e.answer for e in eval_examples]),
+        "exact_match": exact_match_rate(answers, [e.answer for e in eval_examples]),
         "eval_ce": _eval_ce(model_dir, eval_rows_path),
         "params": _params(model_dir),
         "latency_ms": latency * 1000,

@@ -22,7 +22,7 @@ Public API::
 
     examples = make_examples(200, seed=0)        # list[TaskExample]: .id .prompt .answer .field
     rows = to_rows(examples)                     # [{"id", "prompt", "completion"}] for `distill train`
-    exact_match(predictions, [e.answer for e in examples])   # fraction in [0, 1]
+    exact_match_rate(predictions, [e.answer for e in examples])   # fraction in [0, 1]
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from distill.metrics import exact_match
 
 FIELDS = ("vendor", "currency", "month", "year")
 MONTHS = (
@@ -135,13 +137,9 @@ def to_rows(examples: Sequence[TaskExample]) -> list[dict[str, str]]:
     return [{"id": e.id, "prompt": e.prompt, "completion": " " + e.answer} for e in examples]
 
 
-def normalise_prediction(text: str) -> str:
-    """What the scorer compares: the first line of a generated answer, without surrounding spaces."""
-    return text.strip().split("\n", 1)[0].strip()
-
-
-def exact_match(predictions: Sequence[str], answers: Sequence[str]) -> float:
-    """Fraction of predictions whose first line equals the gold answer (after stripping spaces).
+def exact_match_rate(predictions: Sequence[str], answers: Sequence[str]) -> float:
+    """Fraction of predictions whose first line equals the gold answer (`distill.metrics.exact_match`
+    with ``first_line=True``: white space stripped and folded).
 
     ``predictions`` and ``answers`` must have the same length; an empty pair scores 0.0.
     """
@@ -149,5 +147,4 @@ def exact_match(predictions: Sequence[str], answers: Sequence[str]) -> float:
         raise ValueError(f"got {len(predictions)} predictions for {len(answers)} answers")
     if not answers:
         return 0.0
-    hits = sum(normalise_prediction(p) == a.strip() for p, a in zip(predictions, answers))
-    return hits / len(answers)
+    return sum(exact_match(p, a, first_line=True) for p, a in zip(predictions, answers)) / len(answers)

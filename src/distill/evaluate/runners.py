@@ -128,15 +128,9 @@ class ClassifierRunner:
         """Inputs per second at batch size ``batch`` (how a classifier is served)."""
         import torch
 
-        x = torch.tensor(np.array([self.features(r) for r in rows]))
-        x = x.repeat(max(1, -(-4 * batch // len(x))), 1)
-        with torch.inference_mode():
-            self.model(x[:batch])  # warm-up
-            t0, n = time.perf_counter(), 0
-            for i in range(0, len(x) - batch + 1, batch):
-                self.model(x[i : i + batch])
-                n += batch
-        return n / (time.perf_counter() - t0)
+        from distill.classifier.metrics import throughput
+
+        return throughput(self.model, torch.tensor(np.array([self.features(r) for r in rows])), batch)
 
 
 def row_request(row: Mapping[str, Any], index: int, column: str | None):

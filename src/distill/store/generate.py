@@ -14,7 +14,6 @@ and nothing is duplicated (a committed key is never asked again).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -130,33 +129,16 @@ def store_config(teacher: Teacher | Sequence[Teacher], settings: GenerationSetti
     ident = dict(idents[0])
     if any("endpoints" in i for i in idents):
         ident["endpoints"] = sorted({e for i in idents for e in i.get("endpoints", [])})
-    model_dir = getattr(teachers[0], "model_dir", None)
     return {
         "teacher": ident,
-        "weights": weights_fingerprint(model_dir) if model_dir is not None else None,
+        # A local model's identity carries its weights' fingerprint (`distill.models.identity`); kept
+        # as its own field so a store's manifest shows at a glance which weights answered.
+        "weights": ident.get("weights_fingerprint"),
         "tokenizer": ident.get("tokenizer"),
         "settings": asdict(settings),
         "k": int(settings.top_logprobs),
         "capture_temperature": float(ident.get("capture_temperature", 1.0)),
     }
-
-
-def weights_fingerprint(model_dir: str | Path, sample: int = 1 << 20) -> str:
-    """sha256 over each weight file's name, size, first and last ``sample`` bytes (hex).
-
-    A local teacher's identity names its directory, not its weights: retrained weights saved to
-    the same directory must not reuse old records. Sampling keeps this fast for large checkpoints
-    (any real retraining changes the first tensors' bytes)."""
-    h = hashlib.sha256()
-    files = sorted(Path(model_dir).glob("*.safetensors")) or sorted(Path(model_dir).glob("*.bin"))
-    for f in files:
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}:".encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(sample))
-            fh.seek(max(0, size - sample))
-            h.update(fh.read(sample))
-    return h.hexdigest()
 
 
 def _as_list(teacher) -> list:

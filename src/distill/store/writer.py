@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from distill.data import atomic_write_bytes, fsync_dir
 from distill.store.format import (
     FAILURES,
     FLOAT16_MIN,
@@ -30,25 +31,6 @@ from distill.store.format import (
     read_manifest,
     schema,
 )
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a fsynced temporary file and a rename (then fsync the directory)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with builtins.open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def completion_row(key: str, user_id: str, prompt: str | None, messages: Any, c, k: int) -> dict[str, Any]:
@@ -176,7 +158,7 @@ class StoreWriter:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, final)
-            _fsync_dir(self.path)
+            fsync_dir(self.path)
             keys = {r["key"] for r in rows}
             self.done |= keys
             self.ids.update((r["id"], r["key"]) for r in rows)

@@ -28,24 +28,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from distill.data import fsync_dir, fsync_file
+
 MARKER = "COMPLETE.json"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -163,10 +149,10 @@ def save(
         "trainer_state.json",
     ]
     for name in names:
-        _fsync_file(tmp / name)
+        fsync_file(tmp / name)
     _write_json(tmp / MARKER, {"step": step, "files": {n: (tmp / n).stat().st_size for n in names}})
-    _fsync_file(tmp / MARKER)
-    _fsync_dir(tmp)
+    fsync_file(tmp / MARKER)
+    fsync_dir(tmp)
     if final.exists():  # the same step saved again (e.g. SIGTERM right after a periodic save)
         old = root / f".old-step-{step:08d}"
         shutil.rmtree(old, ignore_errors=True)
@@ -175,7 +161,7 @@ def save(
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     for _, path in step_dirs(root)[keep:]:
         shutil.rmtree(path, ignore_errors=True)
     return final

@@ -8,6 +8,10 @@ is an error before training starts, naming both tokenizers and the first differi
 
 from __future__ import annotations
 
+from distill.models.identity import vocab_hash
+
+__all__ = ["check_store_tokenizer", "shared_vocab_size", "token_strings", "vocab_hash"]
+
 
 def token_strings(tokenizer) -> list[str | None]:
     """Token string of every id from 0 to the largest id the tokenizer knows (``None`` for gaps)."""
@@ -18,14 +22,6 @@ def token_strings(tokenizer) -> list[str | None]:
     for tok, i in vocab.items():
         out[i] = tok
     return out
-
-
-def vocab_hash(tokenizer) -> str:
-    """The hash teachers record in a store's manifest (`distill.models.hf.vocab_hash`): equal hashes
-    mean every token string maps to the same id."""
-    from distill.models.hf import vocab_hash as teacher_vocab_hash
-
-    return teacher_vocab_hash(tokenizer)
 
 
 def _name(tokenizer, fallback: str) -> str:

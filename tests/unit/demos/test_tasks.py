@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from distill.demos.tasks import FIELDS, MONTHS, exact_match, make_examples, to_rows
+from distill.demos.tasks import FIELDS, MONTHS, exact_match_rate, make_examples, to_rows
 
 
 def test_same_seed_same_examples_other_seed_differs():
@@ -41,8 +41,8 @@ def test_rows_and_exact_match():
     assert rows[0]["completion"] == " " + ex[0].answer and rows[0]["prompt"] == ex[0].prompt
     golds = [e.answer for e in ex]
     preds = [" " + golds[0] + "\nmore", golds[1], "wrong", ""]
-    assert exact_match(preds, golds) == 0.5
+    assert exact_match_rate(preds, golds) == 0.5
     with pytest.raises(ValueError, match="3 predictions for 4"):
-        exact_match(preds[:3], golds)
+        exact_match_rate(preds[:3], golds)
     with pytest.raises(ValueError, match="field"):
         make_examples(3, field="iban")
