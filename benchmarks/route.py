@@ -37,7 +37,8 @@ from rich.console import Console
 
 from distill.evaluate import EvalConfig, run_pair
 from distill.report import figure, print_table, save_figure, write_json
-from distill.route.router import Router, routed_outcome, split_indices
+from distill.route.fit import routed_outcome, split_indices
+from distill.route.router import Router
 
 
 def _digits_models(work: Path, seed: int) -> tuple[Path, Path, list[dict]]:

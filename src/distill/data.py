@@ -1,6 +1,9 @@
-"""Files in and out, shared by every stage: tables (JSONL, JSON, CSV, Parquet) and durable writes.
+"""Input rows and files, shared by every stage: tables, a row's text, rows left out, durable writes.
 
-`read_table` reads prompts, production inputs and training pairs. `fsync_file`, `fsync_dir` and
+`read_table` reads prompts, production inputs and training pairs (JSONL, JSON, CSV, Parquet);
+`TEXT_COLUMNS` is the one order in which every command looks for a row's text; `content_text`
+flattens OpenAI message content; `Exclusions` counts the rows a stage could not use, by reason,
+so none is dropped silently. `fsync_file`, `fsync_dir` and
 `atomic_write_bytes` are the one way the store and the checkpoints make a write survive a crash:
 write a temporary file, fsync it, rename it over the final name, fsync the directory.
 """
@@ -10,10 +13,14 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+TEXT_COLUMNS = ("prompt", "messages", "text", "input", "question")
+"""Where a row's input text is looked for when no column is named, first match wins: plain text
+(``prompt``, ``text``, ``input``, ``question``) or chat ``messages``."""
 
 
 def read_table(path: str | Path) -> list[dict[str, Any]]:
@@ -66,6 +73,41 @@ def require_columns(rows: list[dict[str, Any]], columns: tuple[str, ...], source
         missing = [c for c in columns if c not in row or row[c] is None]
         if missing:
             raise ValueError(f"{source}: row {i} has no {', '.join(repr(m) for m in missing)} column")
+
+
+def content_text(content: Any) -> str:
+    """The text of an OpenAI message ``content``: a string, or a list of parts
+    ``[{"type": "text", "text": ...}, ...]`` joined by spaces (non-text parts contribute nothing)."""
+    if isinstance(content, list):
+        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, Mapping))
+    return "" if content is None else str(content)
+
+
+def messages_text(messages: Any) -> str:
+    """A chat as one text, a ``"role: content"`` line per message (how chats are embedded and scouted)."""
+    return "\n".join(f"{m.get('role', '')}: {content_text(m.get('content'))}" for m in messages)
+
+
+class Exclusions:
+    """Rows left out of a stage, counted by reason with a few examples each (never silently dropped)."""
+
+    def __init__(self, max_examples: int = 3) -> None:
+        self.max_examples = max_examples
+        self.by_reason: dict[str, dict[str, Any]] = {}
+
+    def add(self, reason: str, example: Any) -> None:
+        """Count one row under ``reason``; keep ``example`` (JSON-able) if fewer than ``max_examples`` are kept."""
+        entry = self.by_reason.setdefault(reason, {"count": 0, "examples": []})
+        entry["count"] += 1
+        if len(entry["examples"]) < self.max_examples:
+            entry["examples"].append(example)
+
+    @property
+    def total(self) -> int:
+        return sum(e["count"] for e in self.by_reason.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"total": self.total, "by_reason": self.by_reason}
 
 
 def fsync_file(path: str | Path) -> None:

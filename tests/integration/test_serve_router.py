@@ -11,9 +11,10 @@ import openai
 import pytest
 
 from distill.cli import main
+from distill.evaluate.signals import confidence_signals
 from distill.models.base import GenerationSettings, Request
 from distill.models.hf import HFTeacher
-from distill.route.router import Router, confidence_signals
+from distill.route.router import Router
 from distill.serve.routing import ROUTE_HEADER, ROUTER_TOP_K
 from servers import free_port, running_server
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from distill.data import read_table
+from distill.data import Exclusions, read_table
 from distill.workload.coverage import CoverageConfig, coverage, print_report, write_report
-from distill.workload.embed import Exclusions, texts_from_rows
+from distill.workload.embed import texts_from_rows
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

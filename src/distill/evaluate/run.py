@@ -27,8 +27,11 @@ from typing import Any
 
 import numpy as np
 
+from distill.data import TEXT_COLUMNS, Exclusions
 from distill.evaluate.runners import Answer, Runner
+from distill.evaluate.signals import confidence_signals
 from distill.metrics import (
+    METRICS,
     accuracy,
     calibration_error,
     exact_match,
@@ -39,8 +42,6 @@ from distill.metrics import (
     topk_kl,
 )
 from distill.prices import Prices
-from distill.route.router import confidence_signals
-from distill.workload.embed import Exclusions
 
 REFERENCE_COLUMNS = ("label", "answer", "reference", "completion", "gold")
 
@@ -69,9 +70,9 @@ class EvalConfig:
     """How many evaluated inputs (the longest) the memory probe runs; >= 1."""
 
     def __post_init__(self) -> None:
-        if self.metric not in ("auto", "accuracy", "exact_match", "token_f1") and ":" not in self.metric:
+        if self.metric != "auto" and self.metric not in METRICS and ":" not in self.metric:
             raise ValueError(
-                f"metric must be auto, accuracy, exact_match, token_f1 or module:function, got {self.metric!r}"
+                f"metric must be auto, {', '.join(METRICS)} or module:function, got {self.metric!r}"
             )
         if int(self.memory_inputs) < 1:
             raise ValueError(f"memory_inputs must be >= 1, got {self.memory_inputs}")
@@ -79,6 +80,13 @@ class EvalConfig:
             raise ValueError(
                 f"n_length_buckets and calibration_bins must be >= 1, got {self.n_length_buckets}, {self.calibration_bins}"
             )
+
+    def metric_name(self, kind: str) -> str:
+        """The metric used for models of ``kind`` (``"classifier"`` or ``"text"``): ``metric``, with
+        ``"auto"`` resolved to accuracy for classifiers and exact match for text."""
+        if self.metric != "auto":
+            return self.metric
+        return "accuracy" if kind == "classifier" else "exact_match"
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -90,7 +98,7 @@ def _reference(row: Mapping[str, Any], cfg: EvalConfig) -> Any:
 
 
 def _input_length(row: Mapping[str, Any]) -> int:
-    for c in ("prompt", "messages", "text", "input", "x"):
+    for c in (*TEXT_COLUMNS, "x"):
         if row.get(c) is not None:
             v = row[c]
             return len(v) if isinstance(v, str | list) else len(str(v))
@@ -135,11 +143,7 @@ def run_pair(
 
     if student.kind != teacher.kind:
         raise ValueError(f"student is a {student.kind} model but the teacher is a {teacher.kind} model")
-    name = (
-        cfg.metric
-        if cfg.metric != "auto"
-        else ("accuracy" if student.kind == "classifier" else "exact_match")
-    )
+    name = cfg.metric_name(student.kind)
     metric_fn = metric_fn or load_metric(name)
     excl = Exclusions()
     records = []
@@ -310,11 +314,7 @@ def evaluate(
     """
     if not rows:
         raise ValueError("no inputs to evaluate")
-    name = (
-        cfg.metric
-        if cfg.metric != "auto"
-        else ("accuracy" if student.kind == "classifier" else "exact_match")
-    )
+    name = cfg.metric_name(student.kind)
     metric_fn = load_metric(name)  # fails before any model runs
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     records, excl = run_pair(student, teacher, rows, cfg, metric_fn=metric_fn, progress=progress)

@@ -26,6 +26,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from distill.data import TEXT_COLUMNS
+
 
 @dataclass
 class Answer:
@@ -138,7 +140,7 @@ def row_request(row: Mapping[str, Any], index: int, column: str | None):
     from distill.models.base import Request
 
     rid = str(row.get("id", f"row-{index}"))
-    names = (column,) if column else ("prompt", "messages", "text", "input")
+    names = (column,) if column else TEXT_COLUMNS
     for c in names:
         v = row.get(c)
         if isinstance(v, str):

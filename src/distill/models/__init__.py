@@ -13,7 +13,7 @@ from distill.models.base import Completion, GenerationSettings, Request, Teacher
 _EXPORTS = {
     "HFTeacher": "distill.models.hf",
     "APITeacher": "distill.models.api",
-    "APIError": "distill.models.api",
+    "APIError": "distill.models.http",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 __all__ = ["Completion", "GenerationSettings", "Request", "Teacher", *sorted(_EXPORTS)]

@@ -45,6 +45,7 @@ from urllib.parse import urlsplit
 
 from distill.models.base import Completion, GenerationSettings, Request
 from distill.models.http import (
+    APIError,
     _error_text,
     _retry_after,
     _scrubber,
@@ -56,17 +57,6 @@ from distill.models.http import (
 
 CAPTURE_TEMPERATURE = 1.0
 """OpenAI-style endpoints (and `distill serve`) return log-probabilities of the raw (T = 1) distribution."""
-
-
-class APIError(RuntimeError):
-    """A request that failed for good. ``status``: the HTTP status (None for transport errors);
-    ``attempts``: how many times it was sent; ``retryable``: whether a later run may succeed."""
-
-    def __init__(self, message: str, *, status: int | None = None, attempts: int = 1, retryable: bool = True):
-        super().__init__(message)
-        self.status = status
-        self.attempts = attempts
-        self.retryable = retryable
 
 
 def _check_url(url: str) -> str:

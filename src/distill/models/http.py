@@ -1,5 +1,7 @@
 """HTTP plumbing of `distill.models.api.APITeacher`: a keep-alive `http.client` transport, TLS
-contexts and the classification of TLS failures, and scrubbing the API key from error texts.
+contexts and the classification of TLS failures, scrubbing the API key from error texts, and
+`APIError`, the one error type of the OpenAI-compatible HTTP API on both sides (a request this
+client gave up on; an error `distill serve` answers).
 
 Kept apart from the teacher so that the request/retry logic (api.py) reads on its own. The transport
 never retries: retries live in `APITeacher._send`, and only there. ``tls_context`` also serves httpx
@@ -19,6 +21,37 @@ import threading
 import time
 from typing import Any
 from urllib.parse import urlsplit
+
+
+class APIError(RuntimeError):
+    """An OpenAI-compatible API request that failed, on either side of the wire.
+
+    ``status``: the HTTP status (None for a transport error). Client side (`APITeacher`):
+    ``attempts`` is how many times the request was sent and ``retryable`` whether a later run may
+    succeed. Server side (`distill serve`): ``param`` and ``code`` fill OpenAI's error body (`body`).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        attempts: int = 1,
+        retryable: bool = True,
+        param: str | None = None,
+        code: str | None = None,
+    ):
+        super().__init__(message)
+        self.message, self.status, self.attempts, self.retryable = message, status, attempts, retryable
+        self.param, self.code = param, code
+
+    def body(self) -> dict[str, Any]:
+        """OpenAI's error JSON: ``{"error": {"message", "type", "param", "code"}}``."""
+        status = self.status or 500
+        kind = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error"}.get(
+            status, "invalid_request_error" if status < 500 else "server_error"
+        )
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
 def tls_context(

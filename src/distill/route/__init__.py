@@ -11,8 +11,8 @@ from distill._compat import lazy_exports
 _EXPORTS = {
     "Router": "distill.route.router",
     "SIGNALS": "distill.route.router",
-    "routed_outcome": "distill.route.router",
-    "split_indices": "distill.route.router",
+    "routed_outcome": "distill.route.fit",
+    "split_indices": "distill.route.fit",
     "calibrate_on_models": "distill.route.fit",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -12,7 +12,36 @@ from typing import Any
 
 import numpy as np
 
-from distill.route.router import SIGNALS, Router, routed_outcome, split_indices
+from distill.route.router import SIGNALS, Router, _columns
+
+
+def split_indices(n: int, holdout: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded random split of ``range(n)`` into (calibration, held-out) index arrays."""
+    if not (0.0 <= holdout < 1.0):
+        raise ValueError(f"holdout must be in [0, 1), got {holdout!r}")
+    order = np.random.default_rng(seed).permutation(n)
+    n_test = int(round(holdout * n))
+    return np.sort(order[n_test:]), np.sort(order[:n_test])
+
+
+def routed_outcome(router: Router, features: Mapping[str, Any]) -> dict[str, float]:
+    """What ``router`` does on labelled ``features`` (columns as in `Router.fit`): fraction to the
+    teacher, routed quality, and its ratio to the teacher's quality."""
+    cols = _columns(features)
+    to_teacher = router.predict(cols)
+    quality = float(np.where(to_teacher, cols["teacher_quality"], cols["student_quality"]).mean())
+    teacher = float(cols["teacher_quality"].mean())
+    frac = float(to_teacher.mean())
+    return {
+        "n": int(to_teacher.size),
+        "fraction_to_teacher": frac,
+        "fraction_to_student": 1.0 - frac,
+        "quality": quality,
+        "teacher_quality": teacher,
+        "student_quality": float(cols["student_quality"].mean()),
+        "quality_retained": quality / teacher if teacher > 0 else 1.0,
+        "cost": router.student_cost + frac * router.teacher_cost,
+    }
 
 
 def calibrate_on_models(

@@ -27,40 +27,14 @@ from typing import Any
 
 import numpy as np
 
+from distill.evaluate.signals import SIGNALS, confidence_signals
+
+__all__ = ["FORMAT", "OOD_SCORER_SUFFIX", "SIGNALS", "Router", "confidence_signals"]
+
 FORMAT = "distill.router/1"
 
 OOD_SCORER_SUFFIX = ".ood"
 """`Router.save` puts the OOD scorer of ``router.json`` in the directory ``router.ood``."""
-
-# signal name -> direction: +1 when a larger value means a more confident student, -1 when smaller does.
-SIGNALS: dict[str, int] = {"mean_logprob": +1, "min_logprob": +1, "margin": +1, "entropy": -1}
-
-
-def confidence_signals(top_logprobs: Sequence[Sequence[float]]) -> dict[str, float]:
-    """The student's confidence signals from its answer's per-step top-k log-probabilities.
-
-    ``top_logprobs``: ``(T, k)`` natural-log probabilities, row j sorted descending, for the T steps
-    of a greedy answer (so column 0 is the chosen token). A classifier's answer is ``T = 1`` with
-    ``k = n_classes``. Returns ``mean_logprob`` and ``min_logprob`` of the chosen tokens (nats),
-    ``margin`` (mean over steps of p1 - p2, in [0, 1]) and ``entropy`` (mean over steps, nats,
-    computed on the top-k renormalised, so a lower bound for k < vocabulary).
-    """
-    rows = [np.sort(np.asarray(r, dtype=np.float64))[::-1] for r in top_logprobs]
-    if not rows or any(r.size == 0 for r in rows):
-        raise ValueError("confidence_signals needs at least one step with at least one log-probability")
-    chosen = np.array([r[0] for r in rows])
-    margins, entropies = [], []
-    for r in rows:
-        p = np.exp(r)
-        margins.append(p[0] - (p[1] if p.size > 1 else 0.0))
-        q = p / p.sum()
-        entropies.append(float(-(q * np.log(np.clip(q, 1e-300, None))).sum()))
-    return {
-        "mean_logprob": float(chosen.mean()),
-        "min_logprob": float(chosen.min()),
-        "margin": float(np.mean(margins)),
-        "entropy": float(np.mean(entropies)),
-    }
 
 
 def _columns(calibration: Any) -> dict[str, np.ndarray]:
@@ -390,35 +364,3 @@ def _decode(key: str, value: Any) -> Any:
     if key == "curve_":
         return [{**p, "threshold": math.inf if p["threshold"] is None else p["threshold"]} for p in value]
     return value
-
-
-# -- fitting on real models ---------------------------------------------------------------------
-
-
-def split_indices(n: int, holdout: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded random split of ``range(n)`` into (calibration, held-out) index arrays."""
-    if not (0.0 <= holdout < 1.0):
-        raise ValueError(f"holdout must be in [0, 1), got {holdout!r}")
-    order = np.random.default_rng(seed).permutation(n)
-    n_test = int(round(holdout * n))
-    return np.sort(order[n_test:]), np.sort(order[:n_test])
-
-
-def routed_outcome(router: Router, features: Mapping[str, Any]) -> dict[str, float]:
-    """What ``router`` does on labelled ``features`` (columns as in `Router.fit`): fraction to the
-    teacher, routed quality, and its ratio to the teacher's quality."""
-    cols = _columns(features)
-    to_teacher = router.predict(cols)
-    quality = float(np.where(to_teacher, cols["teacher_quality"], cols["student_quality"]).mean())
-    teacher = float(cols["teacher_quality"].mean())
-    frac = float(to_teacher.mean())
-    return {
-        "n": int(to_teacher.size),
-        "fraction_to_teacher": frac,
-        "fraction_to_student": 1.0 - frac,
-        "quality": quality,
-        "teacher_quality": teacher,
-        "student_quality": float(cols["student_quality"].mean()),
-        "quality_retained": quality / teacher if teacher > 0 else 1.0,
-        "cost": router.student_cost + frac * router.teacher_cost,
-    }

@@ -32,12 +32,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from distill.models.base import GenerationSettings
 from distill.models.base import Request as TeacherRequest
 from distill.models.hf import Generation
+from distill.models.http import APIError
 from distill.serve.format import (
-    APIError,
     ServeLimits,
     apply_stop,
     chat_choice,
     completion_choice,
+    error_response,
     fan_out,
     parse_messages,
     parse_prompts,
@@ -196,21 +197,23 @@ def build_app(
             scheme, _, given = auth.partition(" ")
             given_digest = hashlib.sha256(given.strip().encode()).digest()
             if scheme.lower() != "bearer" or not hmac.compare_digest(given_digest, key_digest):
-                return APIError(401, "missing or invalid API key", code="invalid_api_key").response()
+                return error_response(
+                    APIError("missing or invalid API key", status=401, code="invalid_api_key")
+                )
         length = request.headers.get("content-length")
         if length is not None and not length.isdigit():
-            return APIError(400, "Content-Length must be a non-negative integer").response()
+            return error_response(APIError("Content-Length must be a non-negative integer", status=400))
         if length is not None and int(length) > limits.max_body_bytes:
             return too_large(limits)
         return await call_next(request)
 
     @app.exception_handler(APIError)
     async def api_error(_request: Request, err: APIError):
-        return err.response()
+        return error_response(err)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, err: StarletteHTTPException):
-        return APIError(err.status_code, str(err.detail)).response()
+        return error_response(APIError(str(err.detail), status=err.status_code))
 
     @app.get("/health")
     async def health():
@@ -260,7 +263,9 @@ def build_app(
     async def model(name: str):
         if name != model_id:
             raise APIError(
-                404, f"model {name!r} not found; this server serves {model_id!r}", code="model_not_found"
+                f"model {name!r} not found; this server serves {model_id!r}",
+                status=404,
+                code="model_not_found",
             )
         return model_card()
 
@@ -325,7 +330,7 @@ async def _fit_context(
     try:
         room = context - len(await asyncio.to_thread(encode, req))
     except ValueError as err:
-        raise APIError(400, str(err)) from None
+        raise APIError(str(err), status=400) from None
     if 1 <= room < settings.max_new_tokens:
         return dataclasses.replace(settings, max_new_tokens=room)
     return settings
@@ -337,10 +342,10 @@ async def _run(
     try:
         return await batcher.submit(reqs, settings)
     except ValueError as err:  # bad input found by the backend (prompt too long, no chat template)
-        raise APIError(400, str(err)) from None
+        raise APIError(str(err), status=400) from None
     except Exception:
         log.exception("generation failed")
-        raise APIError(500, "generation failed; see the server log") from None
+        raise APIError("generation failed; see the server log", status=500) from None
 
 
 def _reply(out: dict, stream: tuple[bool, bool], *, chat: bool):

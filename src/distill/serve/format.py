@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse
 from distill.models.base import GenerationSettings
 from distill.models.base import Request as TeacherRequest
 from distill.models.hf import Generation
+from distill.models.http import APIError
 
 
 @dataclass(frozen=True)
@@ -52,19 +53,9 @@ class ServeLimits:
             raise ValueError(f"max_top_logprobs must be >= 0, got {self.max_top_logprobs!r}")
 
 
-class APIError(Exception):
-    """An error answered as OpenAI-style JSON: ``{"error": {"message", "type", "param", "code"}}``."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    def response(self) -> JSONResponse:
-        kind = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error"}.get(
-            self.status, "invalid_request_error" if self.status < 500 else "server_error"
-        )
-        body = {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status)
+def error_response(err: APIError) -> JSONResponse:
+    """``err`` as the JSON response an OpenAI client expects (`APIError.body`, its HTTP status)."""
+    return JSONResponse(err.body(), status_code=err.status or 500)
 
 
 # --- requests ---------------------------------------------------------------------------------
@@ -72,7 +63,7 @@ class APIError(Exception):
 
 def too_large(limits: ServeLimits) -> JSONResponse:
     msg = f"request body exceeds the limit of {limits.max_body_bytes} bytes"
-    return APIError(413, msg, code="request_too_large").response()
+    return error_response(APIError(msg, status=413, code="request_too_large"))
 
 
 async def read_json(request: Request, limits: ServeLimits) -> dict[str, Any]:
@@ -80,14 +71,14 @@ async def read_json(request: Request, limits: ServeLimits) -> dict[str, Any]:
     async for chunk in request.stream():  # bodies without Content-Length are counted as they arrive
         size += len(chunk)
         if size > limits.max_body_bytes:
-            raise APIError(413, f"request body exceeds the limit of {limits.max_body_bytes} bytes")
+            raise APIError(f"request body exceeds the limit of {limits.max_body_bytes} bytes", status=413)
         chunks.append(chunk)
     try:
         body = json.loads(b"".join(chunks))
     except (ValueError, UnicodeDecodeError) as err:
-        raise APIError(400, f"request body is not valid JSON: {err}") from None
+        raise APIError(f"request body is not valid JSON: {err}", status=400) from None
     if not isinstance(body, dict):
-        raise APIError(400, "request body must be a JSON object")
+        raise APIError("request body must be a JSON object", status=400)
     return body
 
 
@@ -96,7 +87,7 @@ def _int(body: dict, name: str, default: int | None, lo: int, hi: int) -> int | 
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise APIError(400, f"{name} must be an integer in [{lo}, {hi}], got {value!r}", param=name)
+        raise APIError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}", status=400, param=name)
     return value
 
 
@@ -111,7 +102,9 @@ def _float(body: dict, name: str, default: float, lo: float, hi: float, *, open_
     )
     if not ok or not value <= hi:
         bracket = "(" if open_lo else "["
-        raise APIError(400, f"{name} must be a number in {bracket}{lo}, {hi}], got {value!r}", param=name)
+        raise APIError(
+            f"{name} must be a number in {bracket}{lo}, {hi}], got {value!r}", status=400, param=name
+        )
     return float(value)
 
 
@@ -126,18 +119,20 @@ _UNSUPPORTED = {
 def parse_settings(body: dict, limits: ServeLimits, *, chat: bool) -> tuple[GenerationSettings, int]:
     for name, neutral in _UNSUPPORTED.items():
         if body.get(name) not in (neutral, None, {}, []):
-            raise APIError(400, f"{name} is not supported by distill serve", param=name)
+            raise APIError(f"{name} is not supported by distill serve", status=400, param=name)
     for name in ("presence_penalty", "frequency_penalty"):
         if body.get(name) not in (None, 0, 0.0):
-            raise APIError(400, f"{name} is not supported by distill serve (only 0)", param=name)
+            raise APIError(f"{name} is not supported by distill serve (only 0)", status=400, param=name)
     if chat:
         max_new = _int(body, "max_completion_tokens", None, 1, limits.max_tokens)
         max_new = max_new or _int(body, "max_tokens", 256, 1, limits.max_tokens)
         if not isinstance(body.get("logprobs", False), bool | None):
-            raise APIError(400, f"logprobs must be a boolean, got {body['logprobs']!r}", param="logprobs")
+            raise APIError(
+                f"logprobs must be a boolean, got {body['logprobs']!r}", status=400, param="logprobs"
+            )
         k = _int(body, "top_logprobs", 0, 0, limits.max_top_logprobs)
         if k and not body.get("logprobs"):
-            raise APIError(400, "top_logprobs needs logprobs to be true", param="top_logprobs")
+            raise APIError("top_logprobs needs logprobs to be true", status=400, param="top_logprobs")
     else:
         max_new = _int(body, "max_tokens", 16, 1, limits.max_tokens)
         k = _int(body, "logprobs", 0, 0, limits.max_top_logprobs)
@@ -155,10 +150,12 @@ def parse_stream(body: dict) -> tuple[bool, bool]:
     """``(stream, include_usage)`` from ``stream`` and ``stream_options.include_usage``."""
     stream = body.get("stream", False)
     if not isinstance(stream, bool | None):
-        raise APIError(400, f"stream must be a boolean, got {stream!r:.40}", param="stream")
+        raise APIError(f"stream must be a boolean, got {stream!r:.40}", status=400, param="stream")
     options = body.get("stream_options")
     if options is not None and (not stream or not isinstance(options, dict)):
-        raise APIError(400, "stream_options needs stream: true and must be an object", param="stream_options")
+        raise APIError(
+            "stream_options needs stream: true and must be an object", status=400, param="stream_options"
+        )
     return bool(stream), bool((options or {}).get("include_usage", False))
 
 
@@ -193,7 +190,9 @@ def parse_stop(body: dict) -> list[str]:
     stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(x, str) and x for x in stops):
         raise APIError(
-            400, f"stop must be a non-empty string or a list of up to 4, got {stop!r:.80}", param="stop"
+            f"stop must be a non-empty string or a list of up to 4, got {stop!r:.80}",
+            status=400,
+            param="stop",
         )
     return stops
 
@@ -230,13 +229,15 @@ def parse_prompts(body: dict, limits: ServeLimits) -> list[str]:
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise APIError(
-            400,
             "prompt must be a string or a non-empty list of strings (token ids are not supported)",
+            status=400,
             param="prompt",
         )
     if len(prompts) > limits.max_prompts:
         raise APIError(
-            400, f"at most {limits.max_prompts} prompts per request, got {len(prompts)}", param="prompt"
+            f"at most {limits.max_prompts} prompts per request, got {len(prompts)}",
+            status=400,
+            param="prompt",
         )
     return prompts
 
@@ -244,16 +245,18 @@ def parse_prompts(body: dict, limits: ServeLimits) -> list[str]:
 def parse_messages(body: dict) -> tuple[dict[str, str], ...]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise APIError(400, "messages must be a non-empty list", param="messages")
+        raise APIError("messages must be a non-empty list", status=400, param="messages")
     out = []
     for i, m in enumerate(messages):
         content = m.get("content") if isinstance(m, dict) else None
         if isinstance(content, list):  # content parts: text only
             if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-                raise APIError(400, f"messages[{i}].content: only text parts are supported", param="messages")
+                raise APIError(
+                    f"messages[{i}].content: only text parts are supported", status=400, param="messages"
+                )
             content = "".join(str(p.get("text", "")) for p in content)
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(content, str):
-            raise APIError(400, f"messages[{i}] must have a string role and content", param="messages")
+            raise APIError(f"messages[{i}] must have a string role and content", status=400, param="messages")
         out.append({"role": m["role"], "content": content})
     return tuple(out)
 

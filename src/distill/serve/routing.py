@@ -31,10 +31,12 @@ import httpx
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
+from distill.evaluate.signals import confidence_signals
 from distill.models.base import GenerationSettings
 from distill.models.hf import Generation
-from distill.route.router import Router, confidence_signals
-from distill.serve.format import APIError
+from distill.models.http import APIError
+from distill.route.router import Router
+from distill.serve.format import error_response
 
 log = logging.getLogger("distill.serve")
 
@@ -364,7 +366,7 @@ class RoutingPolicy:
         else:
             self.metrics.record("teacher", time.perf_counter() - started, failed=True, reason=reason)
         msg = f"the router sent this request to the fallback teacher, which failed: {why}"
-        response = APIError(502, msg, code="fallback_failed").response()
+        response = error_response(APIError(msg, status=502, code="fallback_failed"))
         response.headers[ROUTE_HEADER] = "teacher"
         response.headers[REASON_HEADER] = reason
         return response

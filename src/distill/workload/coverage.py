@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from distill.workload.embed import Embedder, Exclusions, make_embedder
+from distill.data import Exclusions
+from distill.workload.embed import Embedder, make_embedder
 
 VERDICTS = ("covered", "partly covered", "not covered")
 

