@@ -12,16 +12,11 @@ from distill import _compat
 
 __version__ = "0.1.0"
 
-# public name -> module that defines it
+# submodule -> the public names it defines (imported on first use)
 _EXPORTS = {
-    "LOSSES": "distill.losses",
-    "hinton_loss": "distill.losses",
-    "kd_loss": "distill.losses",
-    "SparseTargets": "distill.losses",
-    "fused_linear_kd_loss": "distill.losses",
-    "calibrate_temperature": "distill.classifier.metrics",
-    "compare": "distill.classifier.metrics",
-    "distill_classifier": "distill.classifier.kd",
+    "losses": ("LOSSES", "hinton_loss", "kd_loss", "SparseTargets", "fused_linear_kd_loss"),
+    "classifier.metrics": ("calibrate_temperature", "compare"),
+    "classifier.kd": ("distill_classifier",),
 }
 __all__ = [
     "LOSSES",
@@ -41,5 +36,5 @@ if TYPE_CHECKING:
     from distill.losses import LOSSES, SparseTargets, fused_linear_kd_loss, hinton_loss, kd_loss
 
 
-__getattr__, __dir__ = _compat.lazy_exports(__name__, _EXPORTS)
+__getattr__, __dir__, _ = _compat.lazy_exports(__name__, _EXPORTS)
 _compat.install()  # old flat module paths (distill.config, distill.routing, ...) keep working

@@ -58,14 +58,16 @@ MOVED: dict[str, str] = {
 
 
 def lazy_exports(
-    package: str, exports: dict[str, str]
-) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
-    """``(__getattr__, __dir__)`` for a package whose public names live in submodules.
+    package: str, modules: dict[str, tuple[str, ...]]
+) -> tuple[Callable[[str], Any], Callable[[], list[str]], list[str]]:
+    """``(__getattr__, __dir__, __all__)`` for a package whose public names live in submodules.
 
-    ``exports``: public name -> the module defining it (absolute dotted path). A name is imported on
-    first access and then cached in the package's namespace, so later lookups are plain attributes.
+    ``modules``: defining module (dotted path relative to ``package``, e.g. ``"loop"``) -> the public
+    names it defines. A name is imported on first access and then cached in the package's namespace,
+    so later lookups are plain attributes.
     """
     namespace = sys.modules[package].__dict__
+    exports = {name: f"{package}.{mod}" for mod, names in modules.items() for name in names}
 
     def __getattr__(name: str) -> Any:
         if name in exports:
@@ -77,7 +79,7 @@ def lazy_exports(
     def __dir__() -> list[str]:
         return sorted(set(namespace) | set(exports))
 
-    return __getattr__, __dir__
+    return __getattr__, __dir__, sorted(exports)
 
 
 class _MovedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):

@@ -7,23 +7,22 @@ May import: the shared modules and `distill.losses`.
 
 from distill._compat import lazy_exports
 
-_KD = (
-    "CONFIG_FORMAT",
-    "IGNORE_INDEX",
-    "MLP",
-    "clone",
-    "count_parameters",
-    "distill_classifier",
-    "load_classifier",
-    "mlp",
-    "predict_logits",
-    "save_classifier",
-    "train_classifier",
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "kd": (
+            "CONFIG_FORMAT",
+            "IGNORE_INDEX",
+            "MLP",
+            "clone",
+            "count_parameters",
+            "distill_classifier",
+            "load_classifier",
+            "mlp",
+            "predict_logits",
+            "save_classifier",
+            "train_classifier",
+        ),
+        "metrics": ("calibrate_temperature", "compare", "expected_calibration_error", "throughput"),
+    },
 )
-_EXPORTS = {
-    **{name: "distill.classifier.kd" for name in _KD},
-    "calibrate_temperature": "distill.classifier.metrics",
-    "compare": "distill.classifier.metrics",
-}
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
-__all__ = sorted(_EXPORTS)

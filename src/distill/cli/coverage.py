@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from distill.data import Exclusions, read_table
-from distill.workload.coverage import CoverageConfig, coverage, print_report, write_report
-from distill.workload.embed import texts_from_rows
+from distill.data import read_table
+from distill.workload.coverage import CoverageConfig, coverage_of_rows, print_report, write_report
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,18 +24,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = CoverageConfig(embedder=args.embedder, k=args.k, quantile=args.quantile)
-    train_rows, input_rows = read_table(args.train), read_table(args.inputs)
-    train_texts, _, train_excl = texts_from_rows(train_rows, args.text_column, args.train)
-    if len(train_texts) < 2:
-        raise ValueError(f"{args.train}: need at least 2 rows with text, got {len(train_texts)}")
-    excl = Exclusions()
-    texts, _, _ = texts_from_rows(input_rows, args.text_column, args.inputs, excl)
-    if not texts:
-        raise ValueError(
-            f"{args.inputs}: no row has usable text ({excl.total} excluded: {sorted(excl.by_reason)})"
-        )
-    report = coverage(train_texts, texts, cfg, excl)
-    report["excluded_train"] = train_excl.to_dict()
+    report = coverage_of_rows(
+        read_table(args.train),
+        read_table(args.inputs),
+        cfg,
+        text_column=args.text_column,
+        train_source=args.train,
+        input_source=args.inputs,
+    )
     path = write_report(report, args.out)
     print_report(report)
     print(f"wrote {path}")

@@ -79,32 +79,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_teacher(args: argparse.Namespace):
-    """An `APITeacher` for URL(s), an `HFTeacher` for one local directory."""
-    urls = [t for t in args.teacher if t.startswith(("http://", "https://"))]
-    if urls and len(urls) != len(args.teacher):
-        raise ValueError(f"--teacher: mix of URLs and local directories {args.teacher!r}; give one kind")
-    if urls:
-        from distill.models.api import APITeacher
+    """The teacher the flags name (`distill.models.open.open_model`)."""
+    from distill.models.open import is_url, open_model
 
-        return APITeacher(
-            urls,
-            model=args.model,
-            api_key_env=args.api_key_env,
-            timeout=args.timeout,
-            chat=args.chat,
-            max_retries=args.max_retries,
-            max_connections=max(64, args.concurrency * len(urls)),
-            ca_bundle=args.ca_bundle,
-        )
-    if args.ca_bundle is not None:
-        raise ValueError(
-            f"--ca-bundle {args.ca_bundle!r} applies to https teacher URLs; the teacher is local"
-        )
-    if len(args.teacher) != 1:
-        raise ValueError(f"--teacher: one local model directory at a time, got {args.teacher!r}")
-    from distill.models.hf import HFTeacher
-
-    return HFTeacher(args.teacher[0], device=args.device, batch_size=args.batch_size)
+    n_urls = sum(is_url(t) for t in args.teacher)
+    return open_model(
+        args.teacher,
+        role="teacher",
+        device=args.device,
+        batch_size=args.batch_size,
+        model=args.model,
+        api_key_env=args.api_key_env,
+        timeout=args.timeout,
+        chat=args.chat,
+        max_retries=args.max_retries,
+        max_connections=max(64, args.concurrency * n_urls),
+        ca_bundle=args.ca_bundle,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -127,12 +118,7 @@ def run(args: argparse.Namespace) -> int:
         from distill.prices import TokenPrice
 
         price = TokenPrice(args.price_input_per_1m or 0.0, args.price_output_per_1m or 0.0)
-    from distill.models.api import APIError
-
-    try:
-        teacher = build_teacher(args)
-    except APIError as err:  # e.g. the /v1/models lookup refused: one clear line, exit 2
-        raise ValueError(f"teacher {args.teacher!r}: {err}") from None
+    teacher = build_teacher(args)
     res = generate(
         teacher,
         args.prompts,

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from distill.route.router import OOD_SCORER_SUFFIX, SIGNALS, Router
+from distill.route.router import SIGNALS, Router
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -82,39 +81,31 @@ def run(args: argparse.Namespace) -> int:
     from distill.evaluate.runners import open_pair
     from distill.models.base import GenerationSettings
     from distill.prices import load_prices
-    from distill.report import print_table, write_json
-    from distill.route.fit import calibrate_on_models
-    from distill.workload.coverage import OODScorer
-    from distill.workload.embed import texts_from_rows
+    from distill.report import print_table
+    from distill.route.fit import fit_and_save
 
+    # Bad --target / --signal / --metric / prices fail before any model is opened.
     router = Router(
         target=args.target, signal=args.signal, ood_signal="ood" if args.train else None, delta=args.delta
-    )
-    router._validate_params()  # bad --target / --signal fail before any model runs
+    ).check_params()
     cfg = EvalConfig(metric=args.metric, reference_column=args.reference_column, first_line=args.first_line)
     prices = load_prices(args.prices) if args.prices else None
     rows = read_table(args.inputs)
-    scorer = None
-    if args.train:
-        train_texts, _, _ = texts_from_rows(read_table(args.train), args.input_column, args.train)
-        scorer = OODScorer(embedder=args.embedder).fit(train_texts)
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, top_logprobs=5)
+    train_rows = read_table(args.train) if args.train else None
     student, teacher = open_pair(
         args.student,
         args.teacher,
-        settings=settings,
+        settings=GenerationSettings(max_new_tokens=args.max_new_tokens, top_logprobs=5),
         input_column=args.input_column,
         api_key_env=args.teacher_api_key_env,
         ca_bundle=args.ca_bundle,
     )
-    report = calibrate_on_models(
-        router, student, teacher, rows, eval_cfg=cfg, holdout=args.holdout, seed=args.seed,
-        ood_scorer=scorer, text_column=args.input_column, prices=prices, progress=args.progress,
+    fitted = fit_and_save(
+        router, student, teacher, rows, args.out, train_rows=train_rows, train_source=args.train or "",
+        embedder=args.embedder, eval_cfg=cfg, holdout=args.holdout, seed=args.seed,
+        text_column=args.input_column, prices=prices, progress=args.progress,
     )  # fmt: skip
-    path = router.save(args.out, ood_scorer=scorer)  # the scorer goes beside it: OUT.ood/
-    report_path = write_json(
-        Path(args.out).with_suffix(".report.json"), {**report, "router": router.to_dict()}
-    )
+    report = fitted["report"]
     _print_curve(
         router, f"Trade-off on {report['n_calibration']} calibration inputs (signal {router.signal})"
     )
@@ -129,16 +120,18 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"excluded {report['excluded']['total']} inputs: {json.dumps(report['excluded']['by_reason'])[:500]}"
         )
-    if scorer is not None:
+    if fitted["scorer"] is not None:
         cut = (
             f"inputs scoring above {router.ood_threshold_:.4g} go to the teacher"
             if router.cuts_on_ood
             else "no OOD cut-off helped on these inputs"
         )
-        print(f"OOD scorer ({scorer.embedder_.name}, {len(train_texts)} training inputs): {cut}")
         print(
-            f"wrote {path}, its OOD scorer {path.with_name(path.stem + OOD_SCORER_SUFFIX)} and {report_path}"
+            f"OOD scorer ({fitted['scorer'].embedder_.name}, {fitted['n_train_texts']} training inputs): {cut}"
+        )
+        print(
+            f"wrote {fitted['router_path']}, its OOD scorer {fitted['scorer_path']} and {fitted['report_path']}"
         )
     else:
-        print(f"wrote {path} and {report_path}")
+        print(f"wrote {fitted['router_path']} and {fitted['report_path']}")
     return 0

@@ -8,11 +8,9 @@ May import: the shared modules, `distill.models`, `distill.store`, `distill.clas
 
 from distill._compat import lazy_exports
 
-_EXPORTS = {
-    "evaluate": "distill.evaluate.run",
-    "EvalConfig": "distill.evaluate.run",
-    "run_pair": "distill.evaluate.run",
-    "REFERENCE_COLUMNS": "distill.evaluate.run",
-}
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
-__all__ = sorted(_EXPORTS)
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "run": ("evaluate", "EvalConfig", "run_pair", "REFERENCE_COLUMNS"),
+    },
+)

@@ -114,9 +114,9 @@ def _open(spec: Mapping[str, Any]) -> Any:
     if spec["kind"] == "classifier":
         return ClassifierRunner(spec["model"], spec.get("input_column") or "x")
     from distill.models.base import GenerationSettings
-    from distill.models.hf import HFTeacher
+    from distill.models.open import open_model
 
-    teacher = HFTeacher(spec["model"], batch_size=1, device=spec["device"], dtype=spec.get("dtype"))
+    teacher = open_model(spec["model"], role="model", device=spec["device"], dtype=spec.get("dtype"))
     settings = GenerationSettings(**spec["settings"])
     return TeacherRunner(teacher, Path(spec["model"]).name, settings, spec.get("input_column"))
 

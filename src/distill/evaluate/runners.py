@@ -299,19 +299,12 @@ def open_model(
     ``api_key_env``: NAME of the environment variable holding an HTTP endpoint's key (never the key).
     ``ca_bundle``: PEM file of CA certificates trusted for an https endpoint (`APITeacher`'s)."""
     from distill.models.base import GenerationSettings
+    from distill.models.open import is_url
+    from distill.models.open import open_model as open_lm
 
     settings = settings or GenerationSettings(max_new_tokens=32, top_logprobs=5)
-    if spec.startswith(("http://", "https://")):
-        try:
-            from distill.models.api import APITeacher
-        except ImportError as err:
-            raise ValueError(f"--{role} {spec}: HTTP models need distill.models.api ({err})") from None
-        from distill.models.api import APIError
-
-        try:  # the constructor reaches the endpoint (model lookup, TLS check): fail here, before work
-            teacher = APITeacher(spec, api_key_env=api_key_env, ca_bundle=ca_bundle)
-        except APIError as err:
-            raise ValueError(f"--{role} {spec}: {err}") from None
+    if is_url(spec):
+        teacher = open_lm(spec, role=role, api_key_env=api_key_env, ca_bundle=ca_bundle)
         return TeacherRunner(teacher, spec, settings, input_column)
     path = Path(spec)
     if not path.exists():
@@ -322,11 +315,7 @@ def open_model(
         if role != "teacher":
             raise ValueError(f"--{role} {spec}: a store of answers can only stand in for the teacher")
         return StoreRunner(path, input_column)
-    if path.is_dir():
-        from distill.models.hf import HFTeacher
-
-        return TeacherRunner(HFTeacher(path, batch_size=1), path.name, settings, input_column)
-    raise ValueError(f"--{role} {spec}: expected a model directory or an http(s) URL")
+    return TeacherRunner(open_lm(spec, role=role), path.name, settings, input_column)
 
 
 def open_pair(

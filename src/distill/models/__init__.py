@@ -10,10 +10,7 @@ May import: the shared modules only.
 from distill._compat import lazy_exports
 from distill.models.base import Completion, GenerationSettings, Request, Teacher
 
-_EXPORTS = {
-    "HFTeacher": "distill.models.hf",
-    "APITeacher": "distill.models.api",
-    "APIError": "distill.models.http",
-}
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
-__all__ = ["Completion", "GenerationSettings", "Request", "Teacher", *sorted(_EXPORTS)]
+__getattr__, __dir__, _lazy = lazy_exports(
+    __name__, {"hf": ("HFTeacher",), "api": ("APITeacher",), "http": ("APIError",)}
+)
+__all__ = ["Completion", "GenerationSettings", "Request", "Teacher", *_lazy]

@@ -8,12 +8,10 @@ May import: the shared modules, `distill.evaluate` (signals, paired runs), `dist
 
 from distill._compat import lazy_exports
 
-_EXPORTS = {
-    "Router": "distill.route.router",
-    "SIGNALS": "distill.route.router",
-    "routed_outcome": "distill.route.fit",
-    "split_indices": "distill.route.fit",
-    "calibrate_on_models": "distill.route.fit",
-}
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
-__all__ = sorted(_EXPORTS)
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "router": ("Router", "SIGNALS"),
+        "fit": ("routed_outcome", "split_indices", "calibrate_on_models"),
+    },
+)

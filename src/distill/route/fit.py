@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from distill.route.router import SIGNALS, Router, _columns
+from distill.route.router import OOD_SCORER_SUFFIX, SIGNALS, Router, _columns
 
 
 def split_indices(n: int, holdout: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -101,6 +102,48 @@ def calibrate_on_models(
         "held_out": routed_outcome(router, {k: v[test] for k, v in cols.items()}) if test.size else None,
         "features": {k: v.tolist() for k, v in cols.items()},
         "split": {"calibration": cal.tolist(), "held_out": test.tolist()},
+    }
+
+
+def fit_and_save(
+    router: Router,
+    student: Any,
+    teacher: Any,
+    rows: Sequence[Mapping[str, Any]],
+    out: str | Path,
+    *,
+    train_rows: Sequence[Mapping[str, Any]] | None = None,
+    train_source: str = "training inputs",
+    embedder: str = "auto",
+    **calibrate: Any,
+) -> dict[str, Any]:
+    """What ``distill route fit`` does: fit ``router`` (`calibrate_on_models`) and write it to ``out``.
+
+    With ``train_rows`` (the distillation training inputs), an `OODScorer` is fitted on their texts
+    first and the router may learn an out-of-distribution cut-off; the scorer is saved beside the
+    router as ``OUT-stem.ood/``. The report (with the router) goes to ``OUT`` with suffix
+    ``.report.json``. ``calibrate``: keyword arguments of `calibrate_on_models`.
+    Returns ``{"report", "router_path", "report_path", "scorer_path", "scorer", "n_train_texts"}``.
+    """
+    from distill.report import write_json
+    from distill.workload.coverage import OODScorer
+    from distill.workload.embed import texts_from_rows
+
+    router.check_params()
+    scorer, n_train = None, 0
+    if train_rows is not None:
+        texts, _, _ = texts_from_rows(train_rows, calibrate.get("text_column"), train_source)
+        scorer, n_train = OODScorer(embedder=embedder).fit(texts), len(texts)
+    report = calibrate_on_models(router, student, teacher, rows, ood_scorer=scorer, **calibrate)
+    path = router.save(out, ood_scorer=scorer)
+    report_path = write_json(Path(out).with_suffix(".report.json"), {**report, "router": router.to_dict()})
+    return {
+        "report": report,
+        "router_path": path,
+        "report_path": report_path,
+        "scorer_path": path.with_name(path.stem + OOD_SCORER_SUFFIX) if scorer is not None else None,
+        "scorer": scorer,
+        "n_train_texts": n_train,
     }
 
 

@@ -102,7 +102,8 @@ class Router:
             "delta": self.delta,
         }
 
-    def _validate_params(self) -> None:
+    def check_params(self) -> Router:
+        """Raise ``ValueError`` naming the first bad parameter; return ``self`` (call before costly work)."""
         if not (isinstance(self.target, int | float) and 0.0 < float(self.target) <= 1.0):
             raise ValueError(f"target must be in (0, 1], got {self.target!r}")
         if self.signal not in SIGNALS:
@@ -113,6 +114,7 @@ class Router:
             v = getattr(self, name)
             if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        return self
 
     def _oriented(self, values: np.ndarray) -> np.ndarray:
         return SIGNALS[self.signal] * values
@@ -130,7 +132,7 @@ class Router:
         Stopping at the first violation (instead of taking the lowest threshold that passes anywhere)
         keeps a lucky dip in a noisy curve from being chosen.
         """
-        self._validate_params()
+        self.check_params()
         cols = _columns(calibration)
         needed = [self.signal, "student_quality", "teacher_quality"] + (
             [self.ood_signal] if self.ood_signal else []
@@ -321,7 +323,7 @@ class Router:
                 f"{path}: not a router file (format {data.get('format') if isinstance(data, dict) else None!r}, expected {FORMAT!r})"
             )
         router = cls(**data["params"])
-        router._validate_params()
+        router.check_params()
         for k, v in data["learned"].items():
             setattr(router, k, _decode(k, v))
         scorer = data.get("ood_scorer")

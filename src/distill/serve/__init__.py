@@ -7,11 +7,11 @@ May import: everything above it in the pipeline except `distill.cli` and `distil
 
 from distill._compat import lazy_exports
 
-_EXPORTS = {
-    "create_app": "distill.serve.app",
-    "build_app": "distill.serve.app",
-    "ServeLimits": "distill.serve.format",
-    "RoutingPolicy": "distill.serve.routing",
-}
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
-__all__ = sorted(_EXPORTS)
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "app": ("create_app", "build_app"),
+        "format": ("ServeLimits",),
+        "routing": ("RoutingPolicy",),
+    },
+)

@@ -8,13 +8,10 @@ May import: the shared modules, `distill.losses`, `distill.models`, `distill.sto
 
 from distill._compat import lazy_exports
 
-_EXPORTS = {
-    "train": "distill.train.loop",
-    "TrainResult": "distill.train.loop",
-    "accumulate_gradients": "distill.train.loop",
-    "TrainConfig": "distill.train.config",
-    "load_config": "distill.train.config",
-    "MODES": "distill.train.config",
-}
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
-__all__ = sorted(_EXPORTS)
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "loop": ("train", "TrainResult", "accumulate_gradients"),
+        "config": ("TrainConfig", "load_config", "MODES"),
+    },
+)

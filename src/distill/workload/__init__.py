@@ -8,13 +8,11 @@ May import: the shared modules only.
 
 from distill._compat import lazy_exports
 
-_EXPORTS = {
-    "coverage": "distill.workload.coverage",
-    "CoverageConfig": "distill.workload.coverage",
-    "OODScorer": "distill.workload.coverage",
-    "scout": "distill.workload.scout",
-    "ScoutConfig": "distill.workload.scout",
-    "make_embedder": "distill.workload.embed",
-}
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
-__all__ = sorted(_EXPORTS)
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "coverage": ("coverage", "CoverageConfig", "OODScorer"),
+        "scout": ("scout", "ScoutConfig"),
+        "embed": ("make_embedder",),
+    },
+)

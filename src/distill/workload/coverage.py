@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from distill.data import Exclusions
-from distill.workload.embed import Embedder, make_embedder
+from distill.workload.embed import Embedder, make_embedder, texts_from_rows
 
 VERDICTS = ("covered", "partly covered", "not covered")
 
@@ -331,6 +331,33 @@ def coverage(
         "config": asdict(cfg),
         "scores": [float(s) for s in scores],
     }
+
+
+def coverage_of_rows(
+    train_rows: Sequence[Mapping[str, Any]],
+    input_rows: Sequence[Mapping[str, Any]],
+    cfg: CoverageConfig = CoverageConfig(),
+    *,
+    text_column: str | None = None,
+    train_source: str = "training inputs",
+    input_source: str = "production inputs",
+) -> dict[str, Any]:
+    """`coverage` of table rows, as ``distill coverage`` runs it: each row's text (``text_column``, or
+    the first of `distill.data.TEXT_COLUMNS`), rows without text counted by reason (``excluded`` and
+    ``excluded_train``). Raises ``ValueError`` naming the source when fewer than 2 training rows or
+    no production row have text."""
+    train_texts, _, train_excl = texts_from_rows(train_rows, text_column, train_source)
+    if len(train_texts) < 2:
+        raise ValueError(f"{train_source}: need at least 2 rows with text, got {len(train_texts)}")
+    excl = Exclusions()
+    texts, _, _ = texts_from_rows(input_rows, text_column, input_source, excl)
+    if not texts:
+        raise ValueError(
+            f"{input_source}: no row has usable text ({excl.total} excluded: {sorted(excl.by_reason)})"
+        )
+    report = coverage(train_texts, texts, cfg, excl)
+    report["excluded_train"] = train_excl.to_dict()
+    return report
 
 
 def write_report(report: dict[str, Any], out_dir: str | Path) -> Path:
