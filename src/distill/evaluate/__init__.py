@@ -1,4 +1,4 @@
-"""Stage 4, evaluation: the student against its teacher on production inputs.
+"""Evaluation: the student against its teacher on production inputs.
 
 Owns: `evaluate` and `EvalConfig` (`run.py`), the models behind one `Runner` interface
 (`runners.py`), per-model peak memory in a child process (`memprobe.py`), report files

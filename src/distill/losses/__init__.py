@@ -1,5 +1,9 @@
 """Distillation losses: pure functions of tensors.
 
+Owns: the divergences and their row kernels (`divergence.py`), sparse teachers — top-k or sampled —
+(`sparse.py`), the chunked loss from hidden states and the LM head (`fused.py`), and the public
+functions below. May import: torch and the shared modules only (no model, no file).
+
 - ``hinton_loss``: soft targets at temperature T with the T² factor, plus hard-label CE (classifiers).
 - ``LOSSES``: every divergence between next-token distributions by name, one call for all:
   ``LOSSES[name](student_logits, teacher_logits, *, temperature=1.0, mask=None, **kwargs)``.

@@ -1,9 +1,10 @@
-"""Stage 1, models: teachers and students behind one small Protocol.
+"""Models: teachers and students behind one small Protocol.
 
 Owns: the `Teacher` Protocol with `Request`, `Completion` and `GenerationSettings` (`base.py`), a
 local `transformers` causal LM (`hf.py`), any OpenAI-compatible HTTP(S) endpoint (`api.py` over the
 transport in `http.py`), fingerprints of weights and vocabularies (`identity.py`) and tiny models
-built in code for tests and demos (`tiny.py`).
+built in code for tests and demos (`tiny.py`); `open_model` turns a ``--teacher``/``--student``
+spec into one of them (`open.py`).
 May import: the shared modules only.
 """
 

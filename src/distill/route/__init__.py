@@ -1,4 +1,4 @@
-"""Stage 6, routing: a calibrated threshold that sends uncertain requests to the teacher.
+"""Routing: a calibrated threshold that sends uncertain requests to the teacher.
 
 Owns: `Router` (scikit-learn style: parameters in ``__init__``, ``fit`` learns ``threshold_``; saved
 as JSON; `router.py`) and fitting it on real models (`fit.py`).

@@ -1,4 +1,4 @@
-"""Stage 7, serving: a local model behind an OpenAI-compatible API, optionally routing to a teacher.
+"""Serving: a local model behind an OpenAI-compatible API, optionally routing to a teacher.
 
 Owns: the FastAPI app (`app.py`), the OpenAI wire format (`format.py`) and the routing policy with
 its metrics (`routing.py`).

@@ -16,6 +16,10 @@ its prompt by content, never by position.
 
 Reading: `open` returns a `Store` that streams records shard by shard (one record batch in memory at
 a time) and yields training-ready tensors with `Store.examples`.
+
+Owns: the format (`format.py`), reading (`reader.py`), writing (`writer.py`) and asking a teacher
+resumably (`generate.py`, behind ``distill generate``).
+May import: the shared modules and `distill.models`.
 """
 
 from distill.store.format import (

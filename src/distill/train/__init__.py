@@ -1,4 +1,4 @@
-"""Stage 3, training a language-model student: the loop, its config, data, vocabularies, checkpoints.
+"""Training a language-model student: the loop, its config, data, vocabularies, checkpoints.
 
 Owns: `train` (the one training loop, `loop.py`), `TrainConfig` (`config.py`), examples from a store
 or a table (`examples.py`), vocabulary checks (`vocab.py`), atomic checkpoints (`checkpoint.py`),

@@ -1,4 +1,4 @@
-"""Stage 5, the workload: what production asks, and whether the training inputs cover it.
+"""The workload: what production asks, and whether the training inputs cover it.
 
 Owns: text embeddings (`embed.py`: TF-IDF, or MiniLM when installed), coverage of production by
 training inputs and the out-of-distribution scorer (`coverage.py`), and scouting request logs for
