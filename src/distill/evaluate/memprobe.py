@@ -109,7 +109,7 @@ def _preload(spec: Mapping[str, Any]) -> None:
 
 
 def _open(spec: Mapping[str, Any]) -> Any:
-    from distill.evaluate.runners import ClassifierRunner, TeacherRunner
+    from distill.evaluate.runners import ClassifierRunner, ModelRunner
 
     if spec["kind"] == "classifier":
         return ClassifierRunner(spec["model"], spec.get("input_column") or "x")
@@ -118,7 +118,7 @@ def _open(spec: Mapping[str, Any]) -> Any:
 
     teacher = open_model(spec["model"], role="model", device=spec["device"], dtype=spec.get("dtype"))
     settings = GenerationSettings(**spec["settings"])
-    return TeacherRunner(teacher, Path(spec["model"]).name, settings, spec.get("input_column"))
+    return ModelRunner(teacher, Path(spec["model"]).name, settings, spec.get("input_column"))
 
 
 def measure(spec: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -4,8 +4,8 @@
 
 - a directory saved by `distill.classifier.save_classifier` -> `ClassifierRunner` (inputs: a list
   of numbers in the ``x`` column, or the column given);
-- any other directory -> `TeacherRunner` over a local causal LM (`distill.models.hf.HFTeacher`);
-- ``http://...`` / ``https://...`` -> `TeacherRunner` over an OpenAI-compatible endpoint
+- any other directory -> `ModelRunner` over a local causal LM (`distill.models.hf.HFTeacher`);
+- ``http://...`` / ``https://...`` -> `ModelRunner` over an OpenAI-compatible endpoint
   (`distill.models.api.APITeacher`; its API key from the environment only);
 - a `distill.store` directory (teacher only) -> `StoreRunner`: answers generated earlier.
 
@@ -154,8 +154,9 @@ def row_request(row: Mapping[str, Any], index: int, column: str | None):
     raise ValueError(f"no text in column(s) {', '.join(map(repr, names))}")
 
 
-class TeacherRunner:
-    """Any `distill.models.base.Teacher` (local LM or HTTP endpoint), asked one request at a time."""
+class ModelRunner:
+    """Any `distill.models.base.Model` (local LM or HTTP endpoint), student or teacher, asked one request
+    at a time (``self.teacher`` is that model, whatever its role)."""
 
     kind = "text"
 
@@ -222,6 +223,10 @@ class TeacherRunner:
             output_tokens=int(c.usage.get("completion_tokens", len(c.completion_token_ids or []))),
             extra={"finish_reason": c.finish_reason},
         )
+
+
+TeacherRunner = ModelRunner
+"""The name `ModelRunner` had before the student was run through it too."""
 
 
 class StoreRunner:
@@ -305,7 +310,7 @@ def open_model(
     settings = settings or GenerationSettings(max_new_tokens=32, top_logprobs=5)
     if is_url(spec):
         teacher = open_lm(spec, role=role, api_key_env=api_key_env, ca_bundle=ca_bundle)
-        return TeacherRunner(teacher, spec, settings, input_column)
+        return ModelRunner(teacher, spec, settings, input_column)
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"--{role}: no such model directory or URL: {spec}")
@@ -315,7 +320,7 @@ def open_model(
         if role != "teacher":
             raise ValueError(f"--{role} {spec}: a store of answers can only stand in for the teacher")
         return StoreRunner(path, input_column)
-    return TeacherRunner(open_lm(spec, role=role), path.name, settings, input_column)
+    return ModelRunner(open_lm(spec, role=role), path.name, settings, input_column)
 
 
 def open_pair(

@@ -1,4 +1,8 @@
-"""The teacher interface shared by local (`HFTeacher`) and HTTP (`APITeacher`) teachers."""
+"""The model interface shared by local (`HFTeacher`) and HTTP (`APITeacher`) models.
+
+A teacher is any `Model`, and so is a student being evaluated or served: the names `HFTeacher` and
+`APITeacher` are historical and stay for compatibility; both serve either role.
+"""
 
 from __future__ import annotations
 
@@ -69,8 +73,9 @@ class Completion:
 
 
 @runtime_checkable
-class Teacher(Protocol):
-    """Anything that answers requests. Implementations: `HFTeacher` (local), `APITeacher` (HTTP)."""
+class Model(Protocol):
+    """Anything that answers requests, teacher or student. Implementations: `HFTeacher` (local),
+    `APITeacher` (HTTP)."""
 
     def identity(self) -> dict[str, Any]:
         """Who answers: at least ``{"kind", "name"}`` and, when known, ``{"tokenizer": {"name", "vocab_hash"}}``.
@@ -81,3 +86,7 @@ class Teacher(Protocol):
     def complete(self, requests: Sequence[Request], settings: GenerationSettings) -> list[Completion]:
         """Answer ``requests`` in order (one `Completion` each) or raise for the whole call."""
         ...
+
+
+Teacher = Model
+"""The same Protocol under the name the pipeline's first stage uses (a teacher is a `Model`)."""
