@@ -2,55 +2,54 @@
 
 Settings come from ``--config FILE.toml`` and are overridden by the flags given; flags not given
 leave the file's values (or the defaults) alone. Works under ``accelerate launch -m distill train``.
+
+Every flag is derived from a `TrainConfig` field: ``--field-name`` (or the field's TOML spelling, e.g.
+``--lambda``), its type from the field's annotation, its help from the field's docstring, its choices
+from `distill.train.config.CHOICES`. A boolean field that defaults to True gets ``--no-field-name``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import typing
 
-from distill.train.config import FIELD_DOCS, MODES
+from distill.train.config import ALIASES, CHOICES, FIELD_DOCS, FIELD_NAMES, TrainConfig
+
+_SPELLING = {name: alias for alias, name in ALIASES.items()}  # lmbda -> lambda
 
 
 def _help(name: str) -> str:
     return FIELD_DOCS.get(name, name).replace("%", "%%")
 
 
+def _flag(f: dataclasses.Field, hint) -> tuple[str, dict]:
+    """(flag, argparse keyword arguments) for one field; every default is None: "not given"."""
+    flag = "--" + _SPELLING.get(f.name, f.name).replace("_", "-")
+    kw: dict = {"dest": f.name, "default": None, "help": _help(f.name)}
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if args and typing.get_origin(hint) is not tuple else hint
+    if hint is bool:
+        if f.default is True:
+            return "--no-" + flag[2:], {**kw, "action": "store_false", "help": f"turn off: {kw['help']}"}
+        return flag, {**kw, "action": "store_true"}
+    if typing.get_origin(hint) is tuple:
+        return flag, {**kw, "nargs": "+", "metavar": "NAME"}
+    if f.name in CHOICES:
+        return flag, {**kw, "choices": CHOICES[f.name]}
+    if base in (int, float):
+        kw.update(type=base, metavar="N" if base is int else "X")
+    return flag, kw
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    a = parser.add_argument
-    a("--config", metavar="FILE", help="TOML file of settings (top-level keys or a [train] table)")
-    a("--student", metavar="DIR", help=_help("student"))
-    a("--data", metavar="STORE_OR_FILE", help=_help("data"))
-    a("--out", metavar="DIR", help=_help("out"))
-    a("--mode", choices=MODES, help=_help("mode"))
-    a("--loss", metavar="NAME", help=_help("loss"))
-    a("--temperature", type=float, metavar="X", help=_help("temperature"))
-    a("--alpha", type=float, metavar="A", help=_help("alpha"))
-    a("--teacher", metavar="DIR", help=_help("teacher"))
-    a("--max-steps", type=int, metavar="N", help=_help("max_steps"))
-    a("--batch-size", type=int, metavar="B", help=_help("batch_size"))
-    a("--grad-accum", type=int, metavar="G", help=_help("grad_accum"))
-    a("--lr", type=float, metavar="LR", help=_help("lr"))
-    a("--save-every", type=int, metavar="N", help=_help("save_every"))
-    a("--resume", action="store_true", default=None, help=_help("resume"))
-    a("--max-length", type=int, metavar="N", help=_help("max_length"))
-    a("--seed", type=int, help=_help("seed"))
-    a("--lora-r", type=int, metavar="R", help=_help("lora_r"))
-    a("--lora-alpha", type=float, metavar="A", help=_help("lora_alpha"))
-    a("--lora-target-modules", nargs="+", metavar="NAME", help=_help("lora_target_modules"))
-    a("--merge-lora", action="store_true", default=None, help=_help("merge_lora"))
-    a("--lambda", dest="lmbda", type=float, metavar="L", help=_help("lmbda"))
-    a("--beta", type=float, metavar="B", help=_help("beta"))
-    a("--max-new-tokens", type=int, metavar="N", help=_help("max_new_tokens"))
-    a("--mixed-precision", choices=("no", "bf16", "fp16"), help=_help("mixed_precision"))
-    a("--log-with", nargs="+", metavar="TRACKER", help=_help("log_with"))
-    a("--no-progress", dest="progress", action="store_false", default=None, help="hide the progress bar")
-
-
-_FLAGS = (
-    "student data out mode loss temperature alpha teacher max_steps batch_size grad_accum lr save_every "
-    "resume max_length seed lora_r lora_alpha lora_target_modules merge_lora lmbda beta max_new_tokens "
-    "mixed_precision log_with progress"
-).split()
+    parser.add_argument(
+        "--config", metavar="FILE", help="TOML file of settings (top-level keys or a [train] table)"
+    )
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag, kw = _flag(f, hints[f.name])
+        parser.add_argument(flag, **kw)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from distill.train import train
     from distill.train.config import load_config
 
-    cfg = load_config(args.config, {k: getattr(args, k) for k in _FLAGS})
+    cfg = load_config(args.config, {name: getattr(args, name) for name in FIELD_NAMES})
     console = Console(stderr=True)
     result = train(cfg, console=console)
     from accelerate import PartialState

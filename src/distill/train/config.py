@@ -18,6 +18,8 @@ from typing import Any
 MODES = ("sft", "logits", "on-policy")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 TRACKERS = ("tensorboard", "mlflow", "wandb", "aim", "comet_ml", "clearml", "dvclive")
+# Allowed values of the fields that take one of a few names (also the CLI's choices).
+CHOICES = {"mode": MODES, "mixed_precision": MIXED_PRECISION}
 # TOML spellings of fields whose Python name differs (``lambda`` is a Python keyword).
 ALIASES = {"lambda": "lmbda"}
 
@@ -234,4 +236,4 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     return TrainConfig(**values)
 
 
-__all__ = ["TrainConfig", "load_config", "MODES", "FIELD_DOCS"]
+__all__ = ["TrainConfig", "load_config", "MODES", "CHOICES", "FIELD_DOCS", "FIELD_NAMES"]
