@@ -1,7 +1,9 @@
 """Input rows and files, shared by every stage: tables, a row's text, rows left out, durable writes.
 
 `read_table` reads prompts, production inputs and training pairs (JSONL, JSON, CSV, Parquet);
-`TEXT_COLUMNS` is the one order in which every command looks for a row's text; `content_text`
+`read_document` reads every JSON or TOML file of settings and state (store manifests, router files,
+checkpoint state, prices, training configs) and `read_text` any text file, each with one clear
+error naming the file (and the line) for a missing, undecodable or malformed file; `TEXT_COLUMNS` is the one order in which every command looks for a row's text; `content_text`
 flattens OpenAI message content; `Exclusions` counts the rows a stage could not use, by reason,
 so none is dropped silently. `fsync_file`, `fsync_dir` and
 `atomic_write_bytes` are the one way the store and the checkpoints make a write survive a crash:
@@ -11,8 +13,10 @@ write a temporary file, fsync it, rename it over the final name, fsync the direc
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
+import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,11 +27,59 @@ TEXT_COLUMNS = ("prompt", "messages", "text", "input", "question")
 (``prompt``, ``text``, ``input``, ``question``) or chat ``messages``."""
 
 
+def decode_utf8(data: bytes, where: str | Path, first_line: int = 1) -> str:
+    """``data`` decoded as UTF-8; ``ValueError`` naming ``where``, the line and the column of the first
+    byte that is not UTF-8 (``first_line``: the line number of ``data``'s first line)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = first_line + data.count(b"\n", 0, err.start)
+        col = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ValueError(
+            f"{where}:{line}: not valid UTF-8 (byte 0x{data[err.start]:02x} at column {col}); "
+            "save the file as UTF-8"
+        ) from None
+
+
+def read_text(path: str | Path, what: str = "file") -> str:
+    """The UTF-8 text of file ``path``: ``FileNotFoundError`` "no such {what}: path" when it is not a
+    file, ``ValueError`` naming the file and line for bytes that are not UTF-8 (`decode_utf8`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such {what}: {path}")
+    return decode_utf8(path.read_bytes(), path)
+
+
+def read_document(path: str | Path, what: str) -> dict[str, Any]:
+    """The object in JSON file ``path`` (a TOML file when its name ends in ``.toml``): the one reader
+    of settings and state files. ``what`` names the kind of file in errors ("store manifest").
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file (and the line)
+    when it is not UTF-8, not valid JSON/TOML, nested too deeply, or not an object at the top."""
+    path = Path(path)
+    text = read_text(path, what)
+    if path.suffix.lower() == ".toml":
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"{path}: not valid TOML ({err})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg}, column {err.colno})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply to be a {what}") from None
+    if not isinstance(data, dict):
+        kind = {list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(data), "number")
+        raise ValueError(f"{path}: expected a JSON object (a {what}), got a {kind}")
+    return data
+
+
 def read_table(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a ``.jsonl``/``.json``/``.csv``/``.parquet`` file as dicts, in file order.
 
     Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file (and the line,
-    for JSONL) for anything unreadable.
+    for JSONL, CSV and bytes that are not UTF-8) for anything unreadable.
     """
     path = Path(path)
     if not path.is_file():
@@ -35,33 +87,41 @@ def read_table(path: str | Path) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows = []
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with path.open("rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                line = decode_utf8(raw, path, lineno)
                 if not line.strip():
                     continue
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+                except RecursionError:
+                    raise ValueError(f"{path}:{lineno}: JSON nested too deeply") from None
                 if not isinstance(row, dict):
                     raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
                 rows.append(row)
         return rows
     if suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(read_text(path))
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err.msg})") from None
+            raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+        except RecursionError:
+            raise ValueError(f"{path}: JSON nested too deeply") from None
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise ValueError(f"{path}: expected a JSON list of objects")
         return data
     if suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as f:
-            return [dict(r) for r in csv.DictReader(f)]
+        return [dict(r) for r in csv.DictReader(io.StringIO(read_text(path), newline=""))]
     if suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        try:
+            return pq.read_table(path).to_pylist()
+        except (OSError, pa.ArrowException) as err:  # damaged file, or strings that are not UTF-8
+            raise ValueError(f"{path}: not a readable Parquet file ({str(err)[:200]})") from None
     raise ValueError(f"{path}: unsupported file type {suffix!r}; expected one of {', '.join(SUFFIXES)}")
 
 

@@ -84,31 +84,73 @@ def record_key(cfg_hash: str, prompt: str | None, messages: Any, user_id: str | 
     return hashlib.sha256(body.encode("utf-8")).hexdigest()[:32]
 
 
-def _shard_ok(path: Path) -> bool:
-    """A shard is usable when its Parquet footer reads and its columns are ours (a torn write fails)."""
+def _shard_ok(path: Path, *, full: bool = False) -> bool:
+    """A shard is usable when its Parquet footer reads, its columns are ours and every column chunk
+    the footer lists lies inside the file (a torn write fails the first; data cut out of the middle
+    of a file, the footer intact, fails the last). ``full``: also read every page, checking the page
+    checksums that shards carry (flipped bytes fail here): what the writer does on opening."""
     import pyarrow.parquet as pq
 
     try:
         meta = pq.read_metadata(path)
-        return set(_COLUMNS) <= set(meta.schema.to_arrow_schema().names)
+        if not set(_COLUMNS) <= set(meta.schema.to_arrow_schema().names):
+            return False
+        with builtins.open(path, "rb") as f:  # the footer's own length sits 8 bytes from the end
+            size = f.seek(0, 2)
+            f.seek(size - 8)
+            footer_start = size - 8 - int.from_bytes(f.read(4), "little")
+        for g in range(meta.num_row_groups):
+            rg = meta.row_group(g)
+            for c in range(rg.num_columns):
+                col = rg.column(c)
+                start = col.dictionary_page_offset if col.has_dictionary_page else col.data_page_offset
+                if start is None or start + col.total_compressed_size > footer_start:
+                    return False
+        if full:
+            pq.ParquetFile(path, page_checksum_verification=True).read(use_threads=False)
+        return True
     except Exception:  # any unreadable file is a torn write: it is redone, not trusted
         return False
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    """The manifest of store ``path`` (``ValueError`` naming the file when it is not one)."""
+    """The manifest of store ``path``: ``ValueError`` naming the file and the field when it is not one
+    (not a JSON object, another format or version, a ``k``, ``capture_temperature`` or shard list of
+    the wrong type)."""
+    from distill.data import read_document
+
     mpath = Path(path) / MANIFEST
     if not mpath.is_file():
         raise FileNotFoundError(f"{path}: not a distill store (no {MANIFEST})")
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{mpath}: not valid JSON ({err.msg})") from None
+    manifest = read_document(mpath, "store manifest")
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{mpath}: not a distill store manifest (format {manifest.get('format')!r})")
     if manifest.get("version") != VERSION:
         raise ValueError(f"{mpath}: store version {manifest.get('version')!r}, this distill reads {VERSION}")
+    _check_manifest(mpath, manifest)
     return manifest
+
+
+def _check_manifest(mpath: Path, m: dict[str, Any]) -> None:
+    """The fields a reader relies on have the types it needs (a hand-edited manifest fails here, by name)."""
+    k = m.get("k", 0)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"{mpath}: k must be an integer >= 0, got {k!r}")
+    t = m.get("capture_temperature", 1.0)
+    if t is not None and (isinstance(t, bool) or not isinstance(t, int | float) or not 0 < t < float("inf")):
+        raise ValueError(f"{mpath}: capture_temperature must be a finite number > 0, got {t!r}")
+    shards = m.get("shards", [])
+    ok = isinstance(shards, list) and all(
+        isinstance(s, dict)
+        and isinstance(s.get("file"), str)
+        and isinstance(s.get("records"), int)
+        and not isinstance(s.get("records"), bool)
+        for s in shards
+    )
+    if not ok:
+        raise ValueError(
+            f"{mpath}: shards must be a list of {{'file': str, 'records': int}}, got {shards!r:.80}"
+        )
 
 
 def read_failures(path: str | Path) -> dict[str, dict[str, Any]]:
@@ -117,7 +159,8 @@ def read_failures(path: str | Path) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     if not fpath.is_file():
         return out
-    with builtins.open(fpath, encoding="utf-8") as f:
+    # errors="replace": a line cut inside a multi-byte character is torn like any other last line.
+    with builtins.open(fpath, encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
                 row = json.loads(line)

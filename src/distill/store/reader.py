@@ -9,14 +9,14 @@ from typing import Any
 
 import numpy as np
 
-from distill.store.format import IGNORE, SHARD_GLOB, _shard_ok, read_failures, read_manifest
+from distill.store.format import IGNORE, MANIFEST, SHARD_GLOB, _shard_ok, read_failures, read_manifest
 
 # --- reading ----------------------------------------------------------------------------------------
 
 
-def open(path: str | Path) -> Store:  # noqa: A001 - the public name the issue asks for
-    """Open the store at ``path`` for reading (nothing is loaded until iterated)."""
-    return Store(path)
+def open(path: str | Path, *, allow_partial: bool = False) -> Store:  # noqa: A001 - the public name
+    """Open the store at ``path`` for reading (nothing is loaded until iterated); see `Store`."""
+    return Store(path, allow_partial=allow_partial)
 
 
 class Store:
@@ -25,16 +25,56 @@ class Store:
     ``manifest``: the manifest dict. ``len(store)``: records (from Parquet footers, cheap).
     Iterating yields record dicts (see `Store.__iter__`); `examples` yields training tensors.
     ``rejected``: counts of records `examples` left out, by reason.
+
+    Damaged shards: what can be read is compared with the shards and record counts the manifest
+    lists; a store missing any of them is refused (`ValueError` naming the store, the shards and how
+    many records are lost), on opening or, for pages that fail their checksum, while reading.
+    ``allow_partial=True`` goes on without them and counts them in ``lost`` (``{shard: records}``).
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, allow_partial: bool = False) -> None:
         self.path = Path(path)
         if not self.path.is_dir():
             raise FileNotFoundError(f"no such store directory: {self.path}")
         self.manifest = read_manifest(self.path)
         self.k = int(self.manifest.get("k") or 0)
+        self.allow_partial = allow_partial
         self.shards = [p for p in sorted(self.path.glob(SHARD_GLOB)) if _shard_ok(p)]
         self.rejected: dict[str, int] = {}
+        self.lost: dict[str, int] = {}
+        self._check_shards()
+
+    def _check_shards(self) -> None:
+        """Every shard the manifest lists is readable with its records (else refuse, or count them lost)."""
+        import pyarrow.parquet as pq
+
+        rows = {p.name: pq.read_metadata(p).num_rows for p in self.shards}
+        lost: dict[str, tuple[int, str]] = {}
+        for entry in self.manifest.get("shards", []):
+            name, want = entry["file"], entry["records"]
+            if name not in rows:
+                why = "unreadable (damaged or cut)" if (self.path / name).exists() else "missing"
+                lost[name] = (want, why)
+            elif rows[name] < want:
+                lost[name] = (want - rows[name], f"{rows[name]} of {want} records")
+        for name, (n, why) in lost.items():
+            self._lose(name, n, why)
+
+    def _lose(self, shard: str, records: int, why: str) -> None:
+        if not self.allow_partial:
+            total = sum(int(e["records"]) for e in self.manifest.get("shards", []))
+            raise ValueError(
+                f"store {self.path}: {shard} {why}: {records} of the {total} records {MANIFEST} lists "
+                "cannot be read; re-run `distill generate` with the same prompts and --out to redo them, "
+                "or go on without them "
+                "(distill train --allow-partial-store)"
+            )
+        self.lost[shard] = records  # set, not added: `batches` may run more than once
+
+    @property
+    def lost_records(self) -> int:
+        """Records the manifest lists that could not be read (only with ``allow_partial``)."""
+        return sum(self.lost.values())
 
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r}, records={len(self)}, k={self.k})"
@@ -50,11 +90,16 @@ class Store:
 
         cols = list(columns) if columns is not None else None
         for shard in self.shards:
-            pf = pq.ParquetFile(shard)
+            # Shards carry page checksums: flipped bytes fail here instead of reading as wrong values.
+            pf = pq.ParquetFile(shard, page_checksum_verification=True)
             for g in range(pf.num_row_groups):  # one row group in memory at a time
-                yield from pf.read_row_group(g, columns=cols, use_threads=False).to_batches(
-                    max_chunksize=batch_size
-                )
+                try:
+                    table = pf.read_row_group(g, columns=cols, use_threads=False)
+                except Exception as err:  # noqa: BLE001 - decoding errors of any kind mean damaged data
+                    n = pf.metadata.row_group(g).num_rows
+                    self._lose(f"{shard.name} row group {g}", n, f"unreadable ({str(err)[:120]})")
+                    continue
+                yield from table.to_batches(max_chunksize=batch_size)
 
     def keys(self) -> list[str]:
         """Every record's key, in store order."""

@@ -107,10 +107,17 @@ class StoreWriter:
         self.shards: list[dict[str, Any]] = []
         self.done: set[str] = set()
         self.ids: dict[str, str] = {}  # record id -> key, to catch an id reused for another prompt
+        listed = {e["file"]: e["records"] for e in self.manifest.get("shards", [])}
         for shard in sorted(self.path.glob(SHARD_GLOB)):
-            if not _shard_ok(shard):
-                shard.unlink()  # torn final write: its prompts are not in `done`, so they are redone
-                self.repaired.append(f"removed torn shard {shard.name}")
+            # Every page is read (and its checksum checked): shards are small, answers are dear.
+            if not _shard_ok(shard, full=True):
+                shard.unlink()  # torn or damaged: its prompts are not in `done`, so they are redone
+                was = (
+                    f" ({listed[shard.name]} records; their prompts are asked again)"
+                    if shard.name in listed
+                    else ""
+                )
+                self.repaired.append(f"removed torn or damaged shard {shard.name}{was}")
                 continue
             self._adopt(shard)
         self.failures = {k: v for k, v in read_failures(self.path).items() if k not in self.done}
@@ -153,7 +160,12 @@ class StoreWriter:
             table = pa.Table.from_pylist(rows, schema=schema())
             with builtins.open(tmp, "wb") as f:
                 pq.write_table(
-                    table, f, compression="zstd", compression_level=9, use_dictionary=["id", "finish_reason"]
+                    table,
+                    f,
+                    compression="zstd",
+                    compression_level=9,
+                    use_dictionary=["id", "finish_reason"],
+                    write_page_checksum=True,  # readers detect flipped bytes (`_shard_ok`, `Store`)
                 )
                 f.flush()
                 os.fsync(f.fileno())

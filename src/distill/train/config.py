@@ -49,6 +49,9 @@ class TrainConfig:
     teacher: str | None = None
     """Directory of a local teacher causal LM; its full logits are computed on the fly. Needed by
     ``on-policy`` and by ``logits`` when the store has no top-k log-probabilities."""
+    allow_partial_store: bool = False
+    """Train on what a damaged store still holds: shards its manifest lists that cannot be read are
+    counted and reported instead of refused (by default, re-run `distill generate` to redo them)."""
     max_steps: int = 100
     """Optimizer steps to run in total (a resumed run counts the steps already done); >= 1."""
     batch_size: int = 8

@@ -45,6 +45,9 @@ class DataStats:
     """Temperature at which the store's log-probabilities were captured."""
     manifest: dict[str, Any] = field(default_factory=dict)
     """The store's manifest (empty for a table file)."""
+    lost: dict[str, int] = field(default_factory=dict)
+    """Damaged shard (or row group) -> records of the manifest that could not be read (only when a
+    partial store is allowed; otherwise reading refuses the store)."""
 
     def skip(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -54,6 +57,8 @@ class DataStats:
         if self.truncated:
             parts.append(f"{self.truncated} truncated")
         parts += [f"{n} skipped: {why}" for why, n in sorted(self.skipped.items())]
+        if self.lost:
+            parts.append(f"{sum(self.lost.values())} records lost in damaged shards ({', '.join(self.lost)})")
         return "; ".join(parts)
 
 
@@ -145,12 +150,19 @@ def _store_as_text(st, tokenizer, max_length: int, stats: DataStats) -> list[dic
 
 
 def _from_store(
-    path: Path, tokenizer, max_length: int, need_topk: bool, stats: DataStats, token_level: bool
+    path: Path,
+    tokenizer,
+    max_length: int,
+    need_topk: bool,
+    stats: DataStats,
+    token_level: bool,
+    allow_partial: bool = False,
 ) -> list[dict[str, Any]]:
     from distill import store as store_mod
     from distill.train.vocab import check_store_tokenizer, vocab_hash
 
-    st = store_mod.open(path)
+    st = store_mod.open(path, allow_partial=allow_partial)
+    stats.lost = st.lost  # the same dict: row groups found damaged while reading are added to it
     manifest = dict(getattr(st, "manifest", {}) or {})
     stats.manifest = manifest
     stats.capture_temperature = float(manifest.get("capture_temperature") or 1.0)
@@ -189,13 +201,21 @@ def _from_store(
 
 
 def load_examples(
-    data: str | Path, tokenizer, *, max_length: int, need_topk: bool = False, token_level: bool = False
+    data: str | Path,
+    tokenizer,
+    *,
+    max_length: int,
+    need_topk: bool = False,
+    token_level: bool = False,
+    allow_partial_store: bool = False,
 ) -> tuple[list[dict[str, Any]], DataStats]:
     """Examples from a store directory or a table file, and what loading did (`DataStats`).
 
-    ``need_topk``: keep only store records with top-k log-probabilities (``logits`` mode without a
-    local teacher). ``token_level``: a store captured with another tokenizer is an error (otherwise
-    its records are re-tokenised from their text with ``tokenizer``). Raises ``ValueError`` when nothing usable is left, naming the source and the reasons.
+        ``need_topk``: keep only store records with top-k log-probabilities (``logits`` mode without a
+        local teacher). ``token_level``: a store captured with another tokenizer is an error (otherwise
+        its records are re-tokenised from their text with ``tokenizer``). ``allow_partial_store``: go on
+    when shards the store's manifest lists cannot be read (counted in ``DataStats.lost``); by default
+    such a store is refused (`distill.store.Store`). Raises ``ValueError`` when nothing usable is left, naming the source and the reasons.
     """
     path = Path(data)
     if not path.exists():
@@ -204,7 +224,9 @@ def load_examples(
         raise ValueError(f"max_length must be >= 2, got {max_length}")
     stats = DataStats(source=str(path))
     if is_store(path):
-        examples = _from_store(path, tokenizer, max_length, need_topk, stats, token_level)
+        examples = _from_store(
+            path, tokenizer, max_length, need_topk, stats, token_level, allow_partial_store
+        )
     else:
         if need_topk:
             raise ValueError(

@@ -117,6 +117,7 @@ def load_data(cfg: TrainConfig, models: Models, say: Say) -> tuple[list[dict[str
         max_length=max_length(cfg, student),
         need_topk=from_store,
         token_level=token_level,
+        allow_partial_store=cfg.allow_partial_store,
     )
     if from_store:
         check_store_tokenizer(stats.manifest, tok, cfg.data)
