@@ -50,15 +50,15 @@ def read_text(path: str | Path, what: str = "file") -> str:
     return decode_utf8(path.read_bytes(), path)
 
 
-def read_document(path: str | Path, what: str) -> dict[str, Any]:
-    """The object in JSON file ``path`` (a TOML file when its name ends in ``.toml``): the one reader
-    of settings and state files. ``what`` names the kind of file in errors ("store manifest").
+def read_document(path: str | Path, what: str, *, toml: bool | None = None) -> dict[str, Any]:
+    """The object in JSON file ``path`` (TOML when ``toml``; None: when its name ends in ``.toml``):
+    the one reader of settings and state files. ``what`` names the kind of file in errors.
 
     Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file (and the line)
     when it is not UTF-8, not valid JSON/TOML, nested too deeply, or not an object at the top."""
     path = Path(path)
     text = read_text(path, what)
-    if path.suffix.lower() == ".toml":
+    if toml or (toml is None and path.suffix.lower() == ".toml"):
         try:
             return tomllib.loads(text)
         except tomllib.TOMLDecodeError as err:

@@ -19,9 +19,10 @@ output_per_1m = 10.00
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from distill.data import read_document
 
 
 @dataclass(frozen=True)
@@ -90,12 +91,7 @@ def _token_price(table: object, where: str) -> TokenPrice:
 def load_prices(path: str | Path) -> Prices:
     """Parse a prices TOML file; errors name the file and the table."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such prices file: {path}")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"{path}: not valid TOML ({err})") from None
+    data = read_document(path, "prices file", toml=True)
     unknown = set(data) - {"teacher", "student", "models"}
     if unknown:
         raise ValueError(f"{path}: unknown tables {sorted(unknown)}; expected teacher, student, models")

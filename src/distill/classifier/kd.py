@@ -103,7 +103,9 @@ def load_classifier(path: str | Path) -> MLP:
     for p in (config_path, weights_path):
         if not p.is_file():
             raise FileNotFoundError(f"not a saved classifier: {p} is missing")
-    config = json.loads(config_path.read_text())
+    from distill.data import read_document
+
+    config = read_document(config_path, "classifier config")
     if config.get("format") != CONFIG_FORMAT or config.get("kind") != "mlp":
         raise ValueError(f"{config_path}: expected format {CONFIG_FORMAT!r} kind 'mlp', got {config}")
     model = MLP(config["sizes"], config.get("dropout", 0.0))

@@ -9,6 +9,7 @@ from distill.evaluate import EvalConfig, evaluate
 from distill.evaluate.report import print_summary, write_reports
 from distill.evaluate.runners import open_pair
 from distill.models.base import GenerationSettings
+from distill.models.loading import TRUST_REMOTE_CODE_HELP
 from distill.prices import load_prices
 
 
@@ -40,6 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="CA certificates trusted for https models behind a private CA (default: system store, "
         "which honours SSL_CERT_FILE)",
     )
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     p.add_argument("--reference-column", default=None, help="gold-answer column (default: label/answer/...)")
     p.add_argument(
         "--slice-column", default=None, help="column to break results down by (default: input length)"
@@ -88,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         input_column=args.input_column,
         api_key_env=args.teacher_api_key_env,
         ca_bundle=args.ca_bundle,
+        trust_remote_code=args.trust_remote_code,
     )
     result = evaluate(student, teacher, rows, cfg, prices, progress=args.progress)
     files = write_reports(result, args.out)

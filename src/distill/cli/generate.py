@@ -95,6 +95,7 @@ def build_teacher(args: argparse.Namespace):
         max_retries=args.max_retries,
         max_connections=max(64, args.concurrency * n_urls),
         ca_bundle=args.ca_bundle,
+        trust_remote_code=args.trust_remote_code,
     )
 
 

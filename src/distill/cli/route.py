@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from distill.models.loading import TRUST_REMOTE_CODE_HELP
 from distill.route.router import SIGNALS, Router
 
 
@@ -48,6 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--teacher-api-key-env", default=None, help="NAME of the env variable holding the API key"
     )
     fit.add_argument("--ca-bundle", metavar="PEM", default=None, help="CA certificates for https models")
+    fit.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     fit.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     show = sub.add_parser("show", help="print a saved router's trade-off curve")
     show.add_argument("router", help="router JSON file")
@@ -99,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         input_column=args.input_column,
         api_key_env=args.teacher_api_key_env,
         ca_bundle=args.ca_bundle,
+        trust_remote_code=args.trust_remote_code,
     )
     fitted = fit_and_save(
         router, student, teacher, rows, args.out, train_rows=train_rows, train_source=args.train or "",

@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from distill.models.loading import TRUST_REMOTE_CODE_HELP
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="a saved transformers causal LM (safetensors)")
@@ -30,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--trust-remote-code",
         action="store_true",
-        help="run code shipped with the checkpoint (off by default)",
+        help=TRUST_REMOTE_CODE_HELP,
     )
     parser.add_argument(
         "--router",

@@ -163,12 +163,12 @@ def _stop_if_terminated(res) -> None:
 def _eval_ce(model_dir: Path, eval_rows_path: Path) -> float:
     """Cross-entropy of the gold answers in ``eval_rows_path`` under the model (nats per answer token)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from distill.models.loading import load_causal_lm, load_tokenizer
     from distill.train.examples import IGNORE, collate, load_examples
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = load_causal_lm(model_dir, "model").eval()
+    tok = load_tokenizer(model_dir, "model")
     examples, _ = load_examples(eval_rows_path, tok, max_length=256)
     ce, n = 0.0, 0
     with torch.no_grad():
@@ -251,9 +251,9 @@ def _run(cfg: LMDemoConfig, out: Path, quick: bool, console, progress: bool) -> 
     texts = [e.prompt + " " + e.answer for e in teacher_train]
     tok_dir = out / "tokenizer"
     if (tok_dir / "tokenizer.json").is_file():
-        from transformers import AutoTokenizer
+        from distill.models.loading import load_tokenizer
 
-        tok = AutoTokenizer.from_pretrained(tok_dir)
+        tok = load_tokenizer(tok_dir, "tokenizer")
     else:
         tok = train_tokenizer(texts, vocab_size=cfg.vocab_size)
         tok.save_pretrained(tok_dir)

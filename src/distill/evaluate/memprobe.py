@@ -102,8 +102,11 @@ def _preload(spec: Mapping[str, Any]) -> None:
         torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
         torch.topk(torch.nn.functional.silu(q) * torch.rsqrt(q.pow(2).mean(-1, keepdim=True)), 2)
 
+    from distill.models.loading import load_config
+
     try:  # the architecture's module (modeling_llama, ...): code, not the model's memory
-        MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(spec["model"]))]
+        config = load_config(spec["model"], trust_remote_code=bool(spec.get("trust_remote_code")))
+        MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     except Exception:  # an unknown architecture fails at load time with a clear message instead
         pass
 
@@ -116,7 +119,13 @@ def _open(spec: Mapping[str, Any]) -> Any:
     from distill.models.base import GenerationSettings
     from distill.models.open import open_model
 
-    teacher = open_model(spec["model"], role="model", device=spec["device"], dtype=spec.get("dtype"))
+    teacher = open_model(
+        spec["model"],
+        role="model",
+        device=spec["device"],
+        dtype=spec.get("dtype"),
+        trust_remote_code=bool(spec.get("trust_remote_code")),
+    )
     settings = GenerationSettings(**spec["settings"])
     return ModelRunner(teacher, Path(spec["model"]).name, settings, spec.get("input_column"))
 

@@ -195,6 +195,7 @@ class ModelRunner:
             "dtype": str(model.dtype).removeprefix("torch."),
             "settings": asdict(self.settings),
             "input_column": self.input_column,
+            "trust_remote_code": bool(getattr(self.teacher, "trust_remote_code", False)),
         }
 
     def answer(self, row: Mapping[str, Any]) -> Answer:
@@ -284,10 +285,9 @@ def is_classifier_dir(path: Path) -> bool:
     config = path / "config.json"
     if not config.is_file():
         return False
-    try:
-        return json.loads(config.read_text()).get("format") == "distill.classifier/1"
-    except json.JSONDecodeError:
-        return False
+    from distill.data import read_document
+
+    return read_document(config, "model config").get("format") == "distill.classifier/1"
 
 
 def open_model(
@@ -298,18 +298,22 @@ def open_model(
     input_column: str | None = None,
     api_key_env: str | None = None,
     ca_bundle: str | None = None,
+    trust_remote_code: bool = False,
 ) -> Runner:
     """A runner for ``spec`` (see the module docstring); ``role`` ("student"/"teacher") names it in errors.
 
     ``api_key_env``: NAME of the environment variable holding an HTTP endpoint's key (never the key).
-    ``ca_bundle``: PEM file of CA certificates trusted for an https endpoint (`APITeacher`'s)."""
+    ``ca_bundle``: PEM file of CA certificates trusted for an https endpoint (`APITeacher`'s).
+    ``trust_remote_code``: a local causal LM may run the code its checkpoint ships (`distill.models.loading`)."""
     from distill.models.base import GenerationSettings
     from distill.models.open import is_url
     from distill.models.open import open_model as open_lm
 
     settings = settings or GenerationSettings(max_new_tokens=32, top_logprobs=5)
     if is_url(spec):
-        teacher = open_lm(spec, role=role, api_key_env=api_key_env, ca_bundle=ca_bundle)
+        teacher = open_lm(
+            spec, role=role, api_key_env=api_key_env, ca_bundle=ca_bundle, key_flag="--teacher-api-key-env"
+        )
         return ModelRunner(teacher, spec, settings, input_column)
     path = Path(spec)
     if not path.exists():
@@ -320,7 +324,9 @@ def open_model(
         if role != "teacher":
             raise ValueError(f"--{role} {spec}: a store of answers can only stand in for the teacher")
         return StoreRunner(path, input_column)
-    return ModelRunner(open_lm(spec, role=role), path.name, settings, input_column)
+    return ModelRunner(
+        open_lm(spec, role=role, trust_remote_code=trust_remote_code), path.name, settings, input_column
+    )
 
 
 def open_pair(
@@ -331,6 +337,7 @@ def open_pair(
     input_column: str | None = None,
     api_key_env: str | None = None,
     ca_bundle: str | None = None,
+    trust_remote_code: bool = False,
 ) -> tuple[Runner, Runner]:
     """(student runner, teacher runner), as `distill eval` and `distill route fit` open them.
 
@@ -339,4 +346,5 @@ def open_pair(
     if ca_bundle is not None and not any(s.startswith(("http://", "https://")) for s in (student, teacher)):
         raise ValueError(f"--ca-bundle {ca_bundle}: neither {student} nor {teacher} is an http(s) URL")
     kw = {"settings": settings, "input_column": input_column, "ca_bundle": ca_bundle}
+    kw["trust_remote_code"] = trust_remote_code
     return open_model(student, "student", **kw), open_model(teacher, "teacher", api_key_env=api_key_env, **kw)

@@ -34,7 +34,6 @@ import itertools
 import json
 import os
 import random
-import re
 import socket
 import ssl
 import threading
@@ -52,6 +51,7 @@ from distill.models.http import (
     _tls_error,
     _tls_is_permanent,
     _Transport,
+    check_base_url,
     tls_context,
 )
 
@@ -60,9 +60,7 @@ CAPTURE_TEMPERATURE = 1.0
 
 
 def _check_url(url: str) -> str:
-    if not isinstance(url, str) or not re.match(r"^https?://[^/\s]+", url):
-        raise ValueError(f"teacher URL must look like http(s)://HOST[:PORT]/v1, got {url!r}")
-    return url.rstrip("/")
+    return check_base_url(url, "teacher URL", "api_key_env (--api-key-env)")
 
 
 class APITeacher:

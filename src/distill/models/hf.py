@@ -100,15 +100,10 @@ class HFTeacher:
         trust_remote_code: bool = False,
     ) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        path = Path(model_dir)
-        if not path.is_dir():
-            raise FileNotFoundError(f"model directory {str(model_dir)!r} does not exist")
-        if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
-            raise FileNotFoundError(
-                f"{str(model_dir)!r} is not a saved model: it needs config.json and *.safetensors weights"
-            )
+        from distill.models.loading import check_model_dir, load_causal_lm, load_tokenizer
+
+        path = check_model_dir(model_dir, "model")
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
         if dtype is None:
@@ -118,18 +113,12 @@ class HFTeacher:
                 raise ValueError(f"dtype must be a torch dtype name such as 'bfloat16', got {dtype!r}")
             dtype = getattr(torch, dtype)
         self.model_dir = path
+        self.trust_remote_code = bool(trust_remote_code)
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as err:
-            raise ValueError(f"cannot load a tokenizer from {str(model_dir)!r}: {str(err)[:300]}") from None
-        try:
-            self.model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
-            ).to(self.device)
-        except (OSError, ValueError) as err:
-            raise ValueError(f"cannot load a causal LM from {str(model_dir)!r}: {str(err)[:300]}") from None
+        self.tokenizer = load_tokenizer(path, "model", trust_remote_code=trust_remote_code)
+        self.model = load_causal_lm(path, "model", dtype=dtype, trust_remote_code=trust_remote_code)
+        self.model.to(self.device)
         self.model.eval()
         self._lock = threading.Lock()
         # The Rust tokenizer must not be re-configured from two threads at once ("Already borrowed").

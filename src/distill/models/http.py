@@ -1,5 +1,6 @@
 """HTTP plumbing of `distill.models.api.APITeacher`: a keep-alive `http.client` transport, TLS
-contexts and the classification of TLS failures, scrubbing the API key from error texts, and
+contexts and the classification of TLS failures, scrubbing the API key from error texts, the one
+check of a base URL given by a user (`check_base_url`: credentials in a URL are refused), and
 `APIError`, the one error type of the OpenAI-compatible HTTP API on both sides (a request this
 client gave up on; an error `distill serve` answers).
 
@@ -52,6 +53,34 @@ class APIError(RuntimeError):
             status, "invalid_request_error" if status < 500 else "server_error"
         )
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+def redact_url(url: object) -> str:
+    """``url`` with everything between ``scheme://`` and its last ``@`` (a user name and password)
+    replaced by ``[redacted]``: the form in which a URL given by a user may appear in an error."""
+    text = str(url)
+    return re.sub(r"^([A-Za-z][\w+.-]*://)?.*@", lambda m: f"{m.group(1) or ''}[redacted]@", text, count=1)
+
+
+def check_base_url(url: object, flag: str = "teacher URL", key_flag: str = "--api-key-env") -> str:
+    """``url``, an OpenAI-compatible base URL ``http(s)://HOST[:PORT]/PATH``, without a trailing slash.
+
+    The one check every command taking a URL uses (``generate --teacher``, ``eval``/``route fit``
+    ``--student``/``--teacher``, ``serve --fallback``, `APITeacher`). A URL carrying credentials
+    (``user:password@``, or any ``@``) is refused: a base URL is recorded (the store's manifest, the
+    failure log, progress and errors), so a password in it would be written to disk and printed. The
+    key belongs in an environment variable named by ``key_flag``. ``flag`` names the value in the
+    `ValueError`; the URL shown there is redacted (`redact_url`)."""
+    if not isinstance(url, str) or not re.match(r"^https?://[^/\s]+", url):
+        raise ValueError(
+            f"{flag} must be an http(s) base URL such as http://host:8000/v1, got {redact_url(url)!r}"
+        )
+    if "@" in url:
+        raise ValueError(
+            f"{flag} must not carry credentials ({redact_url(url)}): a URL is written to manifests, "
+            f"logs and errors; put the key in an environment variable and name it with {key_flag}"
+        )
+    return url.rstrip("/")
 
 
 def tls_context(

@@ -34,6 +34,8 @@ def open_model(
     max_retries: int | None = None,
     max_connections: int = 64,
     ca_bundle: str | None = None,
+    trust_remote_code: bool = False,
+    key_flag: str = "--api-key-env",
 ) -> Teacher:
     """The model behind ``spec``: URL(s) -> `APITeacher`, one local directory -> `HFTeacher`.
 
@@ -42,19 +44,25 @@ def open_model(
     ``model`` (the served model's id, when the endpoint serves several), ``api_key_env`` (NAME of
     the environment variable holding the key, never the key), ``timeout`` (seconds per request),
     ``chat`` (``"auto"``, ``"always"``, ``"never"``), ``max_retries``, ``max_connections`` and
-    ``ca_bundle`` (PEM file of trusted CAs). Raises ``ValueError`` (or ``FileNotFoundError``) with
+    ``ca_bundle`` (PEM file of trusted CAs); a URL carrying credentials is refused
+    (`distill.models.http.check_base_url`; ``key_flag`` names the flag for the key instead).
+    ``trust_remote_code``: a local checkpoint may run the code it ships (`distill.models.loading`). Raises ``ValueError`` (or ``FileNotFoundError``) with
     one line naming the flag and the value, before any prompt is sent: the endpoint is reached here
     (model lookup, TLS check).
     """
     specs = [spec] if isinstance(spec, str) else list(spec)
     if not specs:
         raise ValueError(f"--{role}: no model given")
+    from distill.models.http import APIError, check_base_url, redact_url
+
     urls = [s for s in specs if is_url(s)]
     if urls and len(urls) != len(specs):
-        raise ValueError(f"--{role}: mix of URLs and local directories {specs!r}; give one kind")
+        shown = [redact_url(s) for s in specs]
+        raise ValueError(f"--{role}: mix of URLs and local directories {shown!r}; give one kind")
     if urls:
         from distill.models.api import APITeacher
-        from distill.models.http import APIError
+
+        urls = [check_base_url(u, f"--{role}", key_flag) for u in urls]
 
         kw: dict[str, Any] = {
             "model": model,
@@ -80,4 +88,6 @@ def open_model(
         raise FileNotFoundError(f"--{role}: no such model directory or URL: {specs[0]}")
     from distill.models.hf import HFTeacher
 
-    return HFTeacher(path, device=device, batch_size=batch_size, dtype=dtype)
+    return HFTeacher(
+        path, device=device, batch_size=batch_size, dtype=dtype, trust_remote_code=trust_remote_code
+    )

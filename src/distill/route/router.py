@@ -311,16 +311,13 @@ class Router:
 
         Sets ``ood_scorer_path_``: the absolute path of the saved OOD scorer directory, or ``None``
         when the file records none (it is not opened here; `distill.workload.coverage.OODScorer.load` does)."""
+        from distill.data import read_document
+
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no such router file: {path}")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err.msg})") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
+        data = read_document(path, "router file")
+        if data.get("format") != FORMAT:
             raise ValueError(
-                f"{path}: not a router file (format {data.get('format') if isinstance(data, dict) else None!r}, expected {FORMAT!r})"
+                f"{path}: not a router file (format {data.get('format')!r}, expected {FORMAT!r})"
             )
         router = cls(**data["params"])
         router.check_params()

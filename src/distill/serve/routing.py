@@ -34,7 +34,7 @@ from starlette.background import BackgroundTask
 from distill.evaluate.signals import confidence_signals
 from distill.models.base import GenerationSettings
 from distill.models.hf import Generation
-from distill.models.http import APIError
+from distill.models.http import APIError, check_base_url
 from distill.route.router import Router
 from distill.serve.format import error_response
 
@@ -91,14 +91,7 @@ def load_router(path: str | Path) -> Router:
 
 def check_fallback_url(url: str) -> str:
     """The fallback base URL without a trailing slash; a clear ``--fallback`` error otherwise."""
-    parsed = httpx.URL(url) if url.startswith(("http://", "https://")) else None
-    if parsed is None or not parsed.host:
-        raise ValueError(f"--fallback must be an http(s) base URL such as http://host:8000/v1, got {url!r}")
-    if parsed.userinfo:
-        raise ValueError(
-            "--fallback must not carry credentials; name the key's variable with --fallback-api-key-env"
-        )
-    return url.rstrip("/")
+    return check_base_url(url, "--fallback", "--fallback-api-key-env")
 
 
 @dataclasses.dataclass

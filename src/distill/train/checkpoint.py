@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from distill.data import fsync_dir, fsync_file
+from distill.data import fsync_dir, fsync_file, read_document
 
 MARKER = "COMPLETE.json"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -189,8 +189,10 @@ def read(path: str | Path, *, shapes: dict[str, tuple[int, ...]]) -> dict[str, A
     for name, shape in shapes.items():
         if tuple(saved[name].shape) != tuple(shape):
             raise ValueError(f"checkpoint {path}: {name} has shape {tuple(saved[name].shape)}, model {shape}")
-    meta = json.loads((path / "optimizer.json").read_text(encoding="utf-8"))
-    state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    meta = read_document(path / "optimizer.json", "optimizer state")
+    if not isinstance(meta.get("param_groups"), list) or not isinstance(meta.get("scalars", {}), dict):
+        raise ValueError(f"{path / 'optimizer.json'}: not an optimizer state (no param_groups list)")
+    state = read_document(path / "trainer_state.json", "trainer state")
     return {
         "params": saved,
         "optimizer": _optimizer_from_files(load_file(path / "optimizer.safetensors"), meta),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,6 +94,9 @@ class TrainConfig:
     """On-policy only: tokens the student writes per prompt; >= 1."""
     sample_temperature: float = 1.0
     """On-policy only: sampling temperature of the student's completions; > 0."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with the student's or teacher's checkpoint (its ``auto_map`` modules);
+    off unless asked. Weights are read from safetensors only, whatever this says."""
     mixed_precision: str = "no"
     """``no``, ``bf16`` or ``fp16``, passed to `accelerate` (bf16 only where the device supports it)."""
     log_with: tuple[str, ...] = ()
@@ -217,13 +219,10 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     """
     values: dict[str, Any] = {}
     if path is not None:
+        from distill.data import read_document
+
         p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"no such config file: {p}")
-        try:
-            raw = tomllib.loads(p.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as err:
-            raise ValueError(f"{p}: not valid TOML ({err})") from None
+        raw = read_document(p, "config file", toml=True)
         if "train" in raw and isinstance(raw["train"], dict):
             extra = sorted(set(raw) - {"train"})
             if extra:

@@ -56,17 +56,17 @@ def make_accelerator(cfg: TrainConfig, accelerator=None):
     return accelerator
 
 
-def load_model(path: str, what: str):
-    """``(model, tokenizer)`` from a `save_pretrained` directory, float32; a pad token is set if missing."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model(path: str, what: str, trust_remote_code: bool = False):
+    """``(model, tokenizer)`` from a `save_pretrained` directory, float32; a pad token is set if missing.
+
+    Through `distill.models.loading`: safetensors only, the checkpoint's own code only when trusted."""
     from transformers.utils import logging as hf_logging
 
+    from distill.models.loading import load_causal_lm, load_tokenizer
+
     hf_logging.disable_progress_bar()  # our own progress bar is the one that matters
-    p = Path(path)
-    if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"{what} {p}: not a model directory (no config.json)")
-    tok = AutoTokenizer.from_pretrained(p)
-    model = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32)
+    tok = load_tokenizer(path, what, trust_remote_code=trust_remote_code)
+    model = load_causal_lm(path, what, trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok
@@ -86,10 +86,10 @@ class Models:
 def load_models(cfg: TrainConfig, accelerator) -> Models:
     """Student and tokenizer; in token-level modes also the local teacher (frozen, on the device), after
     checking that both speak the same vocabulary."""
-    student, tok = load_model(cfg.student, "student")
+    student, tok = load_model(cfg.student, "student", cfg.trust_remote_code)
     teacher, n_vocab = None, len(tok)
     if cfg.teacher and cfg.mode != "sft":
-        teacher, t_tok = load_model(cfg.teacher, "teacher")
+        teacher, t_tok = load_model(cfg.teacher, "teacher", cfg.trust_remote_code)
         n_vocab = shared_vocab_size(
             tok,
             t_tok,

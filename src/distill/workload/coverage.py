@@ -193,19 +193,18 @@ class OODScorer:
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise FileNotFoundError(f"OOD scorer {directory}: missing {', '.join(missing)}")
-        try:
-            info = json.loads(files[0].read_text(encoding="utf-8"))
-            meta = json.loads(files[1].read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"OOD scorer {directory}: not valid JSON ({err.msg})") from None
-        if not isinstance(info, dict) or info.get("format") != SCORER_FORMAT:
-            got = info.get("format") if isinstance(info, dict) else None
+        from distill.data import read_document
+
+        info = read_document(files[0], "OOD scorer")
+        meta = read_document(files[1], "embedder state")
+        if info.get("format") != SCORER_FORMAT:
+            got = info.get("format")
             raise ValueError(f"{files[0]}: not an OOD scorer (format {got!r}, expected {SCORER_FORMAT!r})")
         absent = [k for k in ("embedder", "k", "quantile", "boundary_", "n_train", "dim") if k not in info]
         if absent:
             raise ValueError(f"{files[0]}: missing {', '.join(absent)}")
         kind = info.get("embedder")
-        if not isinstance(meta, dict) or kind not in EMBEDDERS or meta.get("kind") != kind:
+        if kind not in EMBEDDERS or meta.get("kind") != kind:
             raise ValueError(f"{files[0]}: unknown embedder {kind!r} (known: {sorted(EMBEDDERS)})")
         with np.load(files[2], allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}
