@@ -7,7 +7,9 @@ error naming the file (and the line) for a missing, undecodable or malformed fil
 flattens OpenAI message content; `Exclusions` counts the rows a stage could not use, by reason,
 so none is dropped silently. `fsync_file`, `fsync_dir` and
 `atomic_write_bytes` are the one way the store and the checkpoints make a write survive a crash:
-write a temporary file, fsync it, rename it over the final name, fsync the directory.
+write a temporary file, fsync it, rename it over the final name, fsync the directory;
+`OutputError` is how they say that a write failed (a read-only or full file system) and what
+earlier output is intact.
 """
 
 from __future__ import annotations
@@ -168,6 +170,28 @@ class Exclusions:
 
     def to_dict(self) -> dict[str, Any]:
         return {"total": self.total, "by_reason": self.by_reason}
+
+
+class OutputError(OSError):
+    """Output that could not be written (read-only or full file system, no permission). The message
+    says what could not be written, why, and which earlier output is intact; ``errno`` is the cause's.
+    `distill.cli.main` prints it as one line (exit 2)."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+def output_error(err: Exception, what: str, intact: str) -> OutputError:
+    """An `OutputError` for ``err`` (an `OSError`, or a library's error wrapping one, such as
+    safetensors'): "could not write {what} ({reason}: {file}); {intact}"."""
+    if isinstance(err, OutputError):
+        return err
+    if isinstance(err, OSError):
+        reason = f"{err.strerror or err}" + (f": {err.filename}" if err.filename else "")
+    else:
+        reason = " ".join(str(err).split())[:200]
+    return OutputError(f"could not write {what} ({reason}); {intact}", getattr(err, "errno", None))
 
 
 def fsync_file(path: str | Path) -> None:

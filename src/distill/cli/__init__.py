@@ -9,6 +9,7 @@ command's heavy dependencies (transformers, fastapi) are needed only by that com
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -24,6 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "coverage": ("coverage", "check that training inputs cover production inputs"),
     "scout": ("scout", "find task families worth distilling in request logs"),
 }
+
+
+# A read-only file system, a full disk or quota, no permission: the user's setup, not a bug.
+_WRITE_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM})
 
 
 def _load(name: str):
@@ -61,6 +66,15 @@ def main(argv: list[str] | None = None) -> int:
         return int(_load(args.command).run(args) or 0)
     except (ValueError, FileNotFoundError) as err:
         # Bad input is reported as one clear line, not a traceback.
+        print(f"distill {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        # Output that cannot be written (read-only or full file system): `OutputError` says what and
+        # what is intact; any other such OSError still gets one line naming the file.
+        from distill.data import OutputError
+
+        if not isinstance(err, OutputError) and err.errno not in _WRITE_ERRNOS:
+            raise
         print(f"distill {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

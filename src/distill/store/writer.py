@@ -8,6 +8,7 @@ the format and docs/store.md for the crash-safety design.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import json
 import os
 import time
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from distill.data import atomic_write_bytes, fsync_dir
+from distill.data import OutputError, atomic_write_bytes, fsync_dir, output_error
 from distill.store.format import (
     FAILURES,
     FLOAT16_MIN,
@@ -77,17 +78,30 @@ class StoreWriter:
     """
 
     def __init__(self, path: str | Path, config: dict[str, Any]) -> None:
-        import fcntl
-
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"--out {self.path} exists and is not a directory")
+        self._lock = self._failures_file = None
+        self._broken: OutputError | None = None  # the first failed write: later ones are not tried
+        self.shards: list[dict[str, Any]] = []
+        try:
+            self._open(config)
+        except BaseException as err:
+            self._release()
+            if isinstance(err, OSError):  # read-only, full, not permitted: one line, nothing asked yet
+                n = len(list(self.path.glob(SHARD_GLOB)))
+                why = f"nothing was sent to the teacher and the store's {n} shards were left as they are"
+                raise output_error(err, f"store {self.path}", why) from None
+            raise
+
+    def _open(self, config: dict[str, Any]) -> None:
+        import fcntl
+
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = builtins.open(self.path / ".lock", "a")
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self._lock.close()
             raise ValueError(f"store {self.path} is being written by another process") from None
         self.config = config
         self.config_hash = config_hash(config)
@@ -104,7 +118,6 @@ class StoreWriter:
         for tmp in self.path.glob(".*.tmp"):
             tmp.unlink()
             self.repaired.append(f"removed temporary file {tmp.name}")
-        self.shards: list[dict[str, Any]] = []
         self.done: set[str] = set()
         self.ids: dict[str, str] = {}  # record id -> key, to catch an id reused for another prompt
         listed = {e["file"]: e["records"] for e in self.manifest.get("shards", [])}
@@ -124,6 +137,30 @@ class StoreWriter:
         self._write_failures()
         self._write_manifest()
         self._failures_file = builtins.open(self.path / FAILURES, "a", encoding="utf-8")
+
+    def _intact(self) -> str:
+        n = sum(s["records"] for s in self.shards)
+        return (
+            f"the {len(self.shards)} shards committed before ({n} records) are intact; re-run the same "
+            "command once the store can be written to ask only the rest"
+        )
+
+    @contextlib.contextmanager
+    def _writing(self, what: str):
+        """Turn a failed write (read-only or full file system) into one `OutputError`; once one write
+        has failed, later ones raise the same error instead of trying (no second, confusing error)."""
+        if self._broken is not None:
+            raise self._broken
+        try:
+            yield
+        except OSError as err:
+            self._broken = output_error(err, f"{what} in store {self.path}", self._intact())
+            raise self._broken from None
+
+    def _release(self) -> None:
+        for f in (self._failures_file, self._lock):
+            if f is not None:
+                f.close()
 
     def _adopt(self, shard: Path) -> None:
         import pyarrow.compute as pc
@@ -148,7 +185,6 @@ class StoreWriter:
 
         ``spent``: tokens/cost spent since the last call (added to the manifest's ``spent``)."""
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         if spent:
             for name, value in spent.items():
@@ -158,19 +194,12 @@ class StoreWriter:
             final = self.path / f"shard-{seq:06d}.parquet"
             tmp = self.path / f".{final.name}.{os.getpid()}.tmp"
             table = pa.Table.from_pylist(rows, schema=schema())
-            with builtins.open(tmp, "wb") as f:
-                pq.write_table(
-                    table,
-                    f,
-                    compression="zstd",
-                    compression_level=9,
-                    use_dictionary=["id", "finish_reason"],
-                    write_page_checksum=True,  # readers detect flipped bytes (`_shard_ok`, `Store`)
-                )
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-            fsync_dir(self.path)
+            try:
+                with self._writing(f"shard {final.name} ({len(rows)} answers, asked again by a re-run)"):
+                    self._commit(table, tmp, final)
+            finally:
+                with contextlib.suppress(OSError):
+                    tmp.unlink(missing_ok=True)  # no half-written temporary is left behind
             keys = {r["key"] for r in rows}
             self.done |= keys
             self.ids.update((r["id"], r["key"]) for r in rows)
@@ -184,18 +213,38 @@ class StoreWriter:
             )
             if keys & self.failures.keys():  # answered now: drop its old failure (never both)
                 self.failures = {k: v for k, v in self.failures.items() if k not in keys}
-                self._failures_file.close()
-                self._write_failures()
-                self._failures_file = builtins.open(self.path / FAILURES, "a", encoding="utf-8")
-        self._write_manifest()
+                with self._writing(FAILURES):
+                    self._failures_file.close()
+                    self._write_failures()
+                    self._failures_file = builtins.open(self.path / FAILURES, "a", encoding="utf-8")
+        with self._writing(MANIFEST):
+            self._write_manifest()
+
+    def _commit(self, table, tmp: Path, final: Path) -> None:
+        import pyarrow.parquet as pq
+
+        with builtins.open(tmp, "wb") as f:
+            pq.write_table(
+                table,
+                f,
+                compression="zstd",
+                compression_level=9,
+                use_dictionary=["id", "finish_reason"],
+                write_page_checksum=True,  # readers detect flipped bytes (`_shard_ok`, `Store`)
+            )
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        fsync_dir(self.path)
 
     def fail(self, key: str, user_id: str, error: str, attempts: int) -> None:
         """Log a failed prompt to ``failures.jsonl`` (one line, flushed and fsynced)."""
         row = {"key": key, "id": user_id, "error": error, "attempts": attempts, "time": _now()}
         self.failures[key] = row
-        self._failures_file.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self._failures_file.flush()
-        os.fsync(self._failures_file.fileno())
+        with self._writing(FAILURES):
+            self._failures_file.write(json.dumps(row, ensure_ascii=False) + "\n")
+            self._failures_file.flush()
+            os.fsync(self._failures_file.fileno())
 
     def _write_failures(self) -> None:
         lines = "".join(json.dumps(v, ensure_ascii=False) + "\n" for v in self.failures.values())
@@ -217,10 +266,13 @@ class StoreWriter:
         atomic_write_bytes(self.path / MANIFEST, data.encode("utf-8"))
 
     def close(self) -> None:
-        """Flush the manifest and release the lock."""
-        self._write_manifest()
-        self._failures_file.close()
-        self._lock.close()
+        """Flush the manifest and release the lock (after a failed write, only release the lock)."""
+        try:
+            if self._broken is None:
+                with self._writing(MANIFEST):
+                    self._write_manifest()
+        finally:
+            self._release()
 
     def __enter__(self) -> StoreWriter:
         return self

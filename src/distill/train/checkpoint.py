@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from distill.data import fsync_dir, fsync_file, read_document
+from distill.data import fsync_dir, fsync_file, output_error, read_document
 
 MARKER = "COMPLETE.json"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -129,9 +129,45 @@ def save(
     state tensors.
     """
     root = Path(root)
+    tmp = root / f".tmp-step-{step:08d}"
+    try:
+        return _save(root, step, tmp, params, optimizer, rng, trainer_state, keep)
+    except (OSError, SafetensorError) as err:  # read-only or full file system: one line, nothing half-written
+        shutil.rmtree(tmp, ignore_errors=True)
+        left = (
+            f"could not remove the half-written {tmp}"
+            if tmp.exists()
+            else f"no half-written {tmp.name} is left"
+        )
+        raise output_error(
+            err, f"checkpoint step-{step:08d} under {root}", f"{left}; {intact(root)}"
+        ) from None
+
+
+def intact(root: str | Path) -> str:
+    """What a failed write left intact under checkpoint directory ``root``, for its error message."""
+    done = step_dirs(root)
+    if not done:
+        return "no earlier checkpoint exists"
+    return f"the earlier checkpoints are intact (newest {done[0][1].name}: continue from it with --resume)"
+
+
+def prepare_output(out: str | Path) -> None:
+    """Create output directory ``out`` and check that it can be written, before the first step: a
+    read-only or unwritable directory fails here with one line (`OutputError`), not after training."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise output_error(err, f"the output directory {out}", intact(out / "checkpoints")) from None
+
+
+def _save(root: Path, step: int, tmp: Path, params, optimizer, rng, trainer_state, keep: int) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}"
     if tmp.exists():  # left by an earlier crash
         shutil.rmtree(tmp)
     tmp.mkdir()

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from distill.train import setup
+from distill.train.checkpoint import prepare_output
 from distill.train.config import TrainConfig
 from distill.train.examples import IGNORE, BatchOrder, DataStats, collate
 from distill.train.objective import Objective
@@ -158,7 +159,7 @@ def train(cfg: TrainConfig, *, accelerator=None, console=None) -> TrainResult:
     order = BatchOrder(len(examples), cfg.seed)
     start = setup.resume(cfg, accelerator, run, say)
     checkpoints = setup.Checkpointer(cfg, accelerator, run, order, global_batch, len(examples))
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_output(out)  # a read-only directory fails now, in one line, not at the first save
     tracking = setup.trackers(cfg, accelerator)
     # Under FSDP a sharded forward is a collective: every process samples as many steps as the slowest.
     synced = world > 1 and accelerator.distributed_type == DistributedType.FSDP

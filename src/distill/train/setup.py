@@ -326,8 +326,15 @@ def save_model(cfg: TrainConfig, accelerator, model, tok, out: Path) -> None:
     m = accelerator.unwrap_model(model)
     if cfg.lora_r and cfg.merge_lora:
         m, state = m.merge_and_unload(), None  # merged weights: the model's own state dict
-    m.save_pretrained(out, state_dict=state, safe_serialization=True)
-    tok.save_pretrained(out)
+    from safetensors import SafetensorError
+
+    from distill.data import output_error
+
+    try:
+        m.save_pretrained(out, state_dict=state, safe_serialization=True)
+        tok.save_pretrained(out)
+    except (OSError, SafetensorError) as err:  # full or read-only: the final checkpoint is already saved
+        raise output_error(err, f"the trained model to {out}", ckpt.intact(out / "checkpoints")) from None
 
 
 def progress(console, *, enabled: bool):
