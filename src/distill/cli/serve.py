@@ -7,6 +7,7 @@ import os
 import sys
 
 from distill.models.loading import TRUST_REMOTE_CODE_HELP
+from distill.serve.http11 import HEADER_TIMEOUT
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +29,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=1 << 20,
         help="largest request body; larger ones get 413 (default 1 MiB)",
+    )
+    parser.add_argument(
+        "--header-timeout",
+        type=float,
+        default=HEADER_TIMEOUT,
+        metavar="S",
+        help=f"seconds a client has to send a request's headers before its connection is closed "
+        f"(default {HEADER_TIMEOUT:g}; slow or stalled clients are dropped)",
     )
     parser.add_argument(
         "--trust-remote-code",
@@ -72,10 +81,12 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from distill.serve import ServeLimits, create_app
+    from distill.serve.http11 import with_header_timeout
 
     api_key = _key_from_env("--api-key-env", args.api_key_env)
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    protocol = with_header_timeout(args.header_timeout)
     routing = _routing(args)  # before the model loads: a bad router or URL fails fast
     limits = ServeLimits(max_body_bytes=args.max_body_bytes)
     app = create_app(
@@ -110,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", http=protocol)
     return 0
 
 

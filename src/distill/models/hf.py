@@ -167,6 +167,12 @@ class HFTeacher:
 
     # --- public API -------------------------------------------------------------------------
 
+    @property
+    def max_top_logprobs(self) -> int:
+        """Most top log-probabilities per token this teacher can return: its vocabulary size
+        (`distill.store.generate.generate` checks ``top_logprobs`` against it before any request)."""
+        return int(self.model.config.vocab_size)
+
     def identity(self) -> dict[str, Any]:
         """Who answers, as plain JSON data: ``{"kind": "hf", "name", "model_type", "dtype", "tokenizer": {"name",
         "vocab_hash"}, "weights_fingerprint", "chat_template_hash", "eos_token_ids", "capture_temperature"}``.

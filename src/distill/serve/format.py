@@ -77,6 +77,8 @@ async def read_json(request: Request, limits: ServeLimits) -> dict[str, Any]:
         body = json.loads(b"".join(chunks))
     except (ValueError, UnicodeDecodeError) as err:
         raise APIError(f"request body is not valid JSON: {err}", status=400) from None
+    except RecursionError:  # e.g. {"messages": [[[[...]]]]}: Python's parser gives up; the client erred
+        raise APIError("request body is nested too deeply", status=400) from None
     if not isinstance(body, dict):
         raise APIError("request body must be a JSON object", status=400)
     return body

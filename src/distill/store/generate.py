@@ -141,6 +141,20 @@ def store_config(teacher: Teacher | Sequence[Teacher], settings: GenerationSetti
     }
 
 
+def check_top_k(teachers: Sequence[Teacher], settings: GenerationSettings) -> None:
+    """``settings.top_logprobs`` within what each teacher can return (its ``max_top_logprobs``, when it
+    has one: a local model's vocabulary, a server's limit), before any request and before a store is
+    made: a store is locked to its k, so a k no request can meet would leave a store nothing can fill."""
+    k = int(settings.top_logprobs)
+    for t in teachers:
+        limit = getattr(t, "max_top_logprobs", None)
+        if limit is not None and k > int(limit):
+            raise ValueError(
+                f"top_logprobs (--top-k) {k} exceeds the {int(limit)} log-probabilities per token that "
+                f"teacher {t!r} can return; nothing was sent and no store was made"
+            )
+
+
 def _as_list(teacher) -> list:
     teachers = list(teacher) if isinstance(teacher, list | tuple) else [teacher]
     if not teachers:
@@ -181,6 +195,7 @@ def generate(
         raise ValueError(
             f"flush_every must be >= 1 and flush_seconds > 0, got {flush_every!r}, {flush_seconds!r}"
         )
+    check_top_k(teachers, settings)
     rows = load_prompts(prompts_path)
     config = store_config(teachers, settings)
     chash = store.config_hash(config)
