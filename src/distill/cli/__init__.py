@@ -27,6 +27,37 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def _missing_extra(err: ModuleNotFoundError, command: str | None) -> int:
+    from distill.extras import explain
+
+    message = explain(err)
+    if message is None:  # not a module of an extra: a real bug, shown as it is
+        raise err
+    print(f"distill {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _quiet_libraries(progress: bool) -> None:
+    """Hide the libraries' own progress bars (transformers' "Loading weights", "Writing model shards";
+    huggingface_hub's and tqdm's): the commands draw their own, and ``--no-progress`` means none at all.
+
+    Without ``--no-progress`` a user's explicit ``HF_HUB_DISABLE_PROGRESS_BARS=0`` wins; with it,
+    nothing is drawn whatever the environment says. The environment is set before the libraries are
+    imported (they read it then) and is inherited by child processes (the memory probe); libraries
+    already imported are told directly."""
+    if progress:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        return
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["TQDM_DISABLE"] = "1"
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 # A read-only file system, a full disk or quota, no permission: the user's setup, not a bug.
 _WRITE_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM})
 
@@ -53,17 +84,19 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     if command not in COMMANDS:
         command = None
-    parser = build_parser(command)
+    try:
+        parser = build_parser(command)  # imports the command's module
+    except ModuleNotFoundError as err:
+        return _missing_extra(err, command)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    # Commands draw their own progress bars; transformers' per-file ones ("Loading weights",
-    # "Writing model shards") would interleave with them. Set before transformers is imported;
-    # a user's explicit HF_HUB_DISABLE_PROGRESS_BARS=0 wins.
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    _quiet_libraries(not getattr(args, "no_progress", False) and getattr(args, "progress", True) is not False)
     try:
         return int(_load(args.command).run(args) or 0)
+    except ModuleNotFoundError as err:  # an optional extra not installed: what to pip install
+        return _missing_extra(err, args.command)
     except (ValueError, FileNotFoundError) as err:
         # Bad input is reported as one clear line, not a traceback.
         print(f"distill {args.command}: error: {err}", file=sys.stderr)

@@ -20,6 +20,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from distill.extras import pip_command
+
 PROJECT = "distill"
 """Project name given to ``accelerator.init_trackers``: TensorBoard's run directory, MLflow's experiment."""
 
@@ -44,7 +46,7 @@ def check_trackers(names: Sequence[str]) -> None:
             pip = _PIP.get(name, name)
             raise ValueError(
                 f"--log-with {name}: the {name!r} package is not installed (pip install {pip}, "
-                f"or pip install 'distill[track]')"
+                f"or {pip_command('track')})"
             )
 
 

