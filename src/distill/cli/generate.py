@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from distill.models.loading import TRUST_REMOTE_CODE_HELP
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -65,6 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="cpu", help="torch device of a local teacher (default cpu)")
     parser.add_argument("--batch-size", type=int, default=8, help="local teacher: prompts decoded together")
+    parser.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     parser.add_argument(
         "--price-input-per-1m", type=float, default=None, metavar="USD", help="USD per 1M prompt tokens"
     )

@@ -97,7 +97,7 @@ class Store:
                     table = pf.read_row_group(g, columns=cols, use_threads=False)
                 except Exception as err:  # noqa: BLE001 - decoding errors of any kind mean damaged data
                     n = pf.metadata.row_group(g).num_rows
-                    self._lose(f"{shard.name} row group {g}", n, f"unreadable ({str(err)[:120]})")
+                    self._lose(f"{shard.name} row group {g}", n, f"unreadable ({_one_line(err)})")
                     continue
                 yield from table.to_batches(max_chunksize=batch_size)
 
@@ -206,6 +206,12 @@ class Store:
             p = tokenizer(prompt)["input_ids"]
         c = tokenizer(batch.column("completion")[i].as_py(), add_special_tokens=False)["input_ids"]
         return np.asarray(p, dtype=np.int64), np.asarray(c, dtype=np.int64)
+
+
+def _one_line(err: Exception) -> str:
+    """A library's error text on one line, printable characters only (a corrupt page's bytes may be in it)."""
+    text = "".join(c if c.isprintable() else " " for c in str(err))
+    return " ".join(text.split())[:120]
 
 
 def _blob_parts(col) -> tuple[np.ndarray, Any, np.ndarray]:
