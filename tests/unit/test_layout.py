@@ -26,7 +26,7 @@ STAGES = [
     "demos",
     "cli",
 ]
-SHARED = {"data", "prices", "report", "metrics", "_compat"}
+SHARED = {"data", "prices", "report", "metrics", "extras", "_compat"}
 MAX_LINES = 450
 
 

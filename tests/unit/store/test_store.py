@@ -112,12 +112,14 @@ def test_torn_shard_and_temporaries_are_removed_and_redone(tmp_path):
     second = tmp_path / "shard-000001.parquet"
     second.write_bytes(second.read_bytes()[:-20])  # torn: footer cut off
     (tmp_path / ".shard-000002.parquet.123.tmp").write_bytes(b"PAR1 half")
-    assert len(store.open(tmp_path)) == 1  # the reader ignores the torn shard
+    with pytest.raises(ValueError, match="shard-000001.parquet unreadable .* 1 of the 2 records"):
+        store.open(tmp_path)  # the manifest lists 2 records: the reader refuses to lose one silently
+    assert len(store.open(tmp_path, allow_partial=True)) == 1  # or goes on, counting what was lost
     with store_writer.StoreWriter(tmp_path, CONFIG) as w:
         assert w.done == {row(0)["key"]}
         assert sorted(w.repaired) == [
             "removed temporary file .shard-000002.parquet.123.tmp",
-            "removed torn shard shard-000001.parquet",
+            "removed torn or damaged shard shard-000001.parquet (1 records; their prompts are asked again)",
         ]
         w.write([row(1)])
     st = store.open(tmp_path)
