@@ -12,7 +12,6 @@ MODULES: dict[str, str] = {
     # lm: language-model distillation (local models, the Parquet store, LoRA, multi-process training)
     "transformers": "lm",
     "tokenizers": "lm",
-    "safetensors": "lm",
     "pyarrow": "lm",
     "peft": "lm",
     "accelerate": "lm",

@@ -50,9 +50,9 @@ def _quiet_libraries(progress: bool) -> None:
         return
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     os.environ["TQDM_DISABLE"] = "1"
-    if "huggingface_hub" in sys.modules:
+    if sys.modules.get("huggingface_hub") is not None:  # None: imported never (or blocked)
         sys.modules["huggingface_hub"].utils.disable_progress_bars()
-    if "transformers" in sys.modules:
+    if sys.modules.get("transformers") is not None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
