@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from hardening_helpers import cli, flat, one_line_error, run_hidden, small_store, write_prompts
+from hardening_helpers import ENV, cli, flat, one_line_error, run_hidden, small_store, write_prompts
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +156,39 @@ def test_no_progress_silences_transformers_bars(tiny_lm_dir, tmp_path):
     assert quiet.returncode == 0, quiet.stderr
     for bar in ("Loading weights", "Writing model shards", "it/s", "%|"):
         assert bar not in quiet.stderr, quiet.stderr
+
+
+# --- item 14: `make demo` installs the base package, and the demo needs nothing more -------------
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_make_demo_installs_the_base_package_only(tmp_path):
+    dry = subprocess.run(
+        ["make", "-n", "demo", f"VENV={tmp_path / 'venv'}"], cwd=ROOT, capture_output=True, text=True
+    )
+    installs = [ln for ln in dry.stdout.splitlines() if " pip install " in ln]
+    assert dry.returncode == 0 and installs, dry.stdout + dry.stderr
+    assert not any("[" in ln for ln in installs), installs  # no extras: no ".[dev]"
+    assert installs[-1].endswith(" -e .")
+    test_dry = subprocess.run(
+        ["make", "-n", "test", f"VENV={tmp_path / 'venv'}"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert '-e ".[dev]"' in test_dry.stdout  # `make test` adds the rest
+
+
+def test_the_demo_imports_no_optional_package(tmp_path):
+    from distill.extras import MODULES
+
+    code = (
+        "import sys\n"
+        "from distill.cli import main\n"
+        f"rc = main(['demo', '--quick', '--no-progress', '--out', {str(tmp_path / 'demo')!r}])\n"
+        "print('IMPORTED', sorted({m.split('.')[0] for m, v in sys.modules.items() if v is not None}))\n"
+        "raise SystemExit(rc)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    imported = set(eval(res.stdout.split("IMPORTED", 1)[1]))  # noqa: S307 - our own printed list
+    assert imported.isdisjoint(MODULES), sorted(imported & set(MODULES))
+    assert (tmp_path / "demo" / "report.json").is_file()
