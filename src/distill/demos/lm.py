@@ -32,14 +32,22 @@ top-k log-probabilities, so adding gold rows would give ``sft`` and ``logits`` d
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from distill import report
+from distill.demos.common import (
+    cached_teacher,
+    load_or_train_tokenizer,
+    model_params,
+    run_jobs,
+    stop_if_terminated,
+)
+from distill.demos.common import write_rows as _write_rows
 from distill.models.base import GenerationSettings
+from distill.train.parallel import WorkerPool, default_workers
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,8 @@ class LMDemoConfig:
     ``seed + 1 + s`` and shuffled with ``seed + s``."""
     seeds: int = 2
     """Student seeds (initialisation and data order); exact match and eval CE as mean ± std."""
+    workers: int = field(default_factory=lambda: min(default_workers(), 2))
+    """Processes training students side by side (one torch thread each); the numbers do not depend on it."""
 
     def __post_init__(self) -> None:
         if int(self.seeds) < 1:
@@ -109,79 +119,6 @@ GREEDY = GenerationSettings(max_new_tokens=24, temperature=0.0)
 """How every model of the demo answers: greedy, at most 24 new tokens (answers are 1-6 tokens)."""
 
 
-def _write_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def _params(model_dir: Path) -> int:
-    from safetensors import safe_open
-
-    with safe_open(model_dir / "model.safetensors", framework="pt") as f:
-        return sum(_prod(f.get_slice(k).get_shape()) for k in f.keys())
-
-
-def _prod(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
-
-
-def _teacher(cfg: LMDemoConfig, out: Path, tok, train_rows, console, progress: bool) -> tuple[Path, bool]:
-    """Train the teacher or reuse the cached one; returns (directory, reused)."""
-    from distill.models.tiny import save_tiny, tiny_causal_lm
-    from distill.train import train
-    from distill.train.config import TrainConfig
-
-    tdir = out / "teacher"
-    key = {k: v for k, v in asdict(cfg).items() if k in ("n_teacher_train", "teacher_steps", "batch_size",
-                                                         "teacher_size", "vocab_size", "lr_teacher", "seed")}  # fmt: skip
-    key = json.loads(json.dumps(key))
-    meta = tdir / "demo_teacher.json"
-    if (tdir / "model.safetensors").is_file() and meta.is_file() and json.loads(meta.read_text()) == key:
-        return tdir, True
-    layers, width, heads = cfg.teacher_size
-    init = save_tiny(tiny_causal_lm(len(tok), n_layer=layers, n_embd=width, n_head=heads, seed=cfg.seed),
-                     tok, out / "init" / "teacher")  # fmt: skip
-    data = _write_rows(out / "data" / "teacher_train.jsonl", train_rows)
-    res = train(TrainConfig(student=str(init), data=str(data), out=str(tdir), mode="sft", max_steps=cfg.teacher_steps,
-                      batch_size=cfg.batch_size, lr=cfg.lr_teacher, warmup_steps=20, seed=cfg.seed,
-                      progress=progress), console=console)  # fmt: skip
-    _stop_if_terminated(res)
-    meta.write_text(json.dumps(key))
-    return tdir, False
-
-
-def _stop_if_terminated(res) -> None:
-    # train() turns SIGTERM into a checkpoint and a normal return; the demo must stop there too.
-    if res.stopped == "sigterm":
-        raise KeyboardInterrupt(f"SIGTERM: stopped after step {res.steps} of {res.out}")
-
-
-def _eval_ce(model_dir: Path, eval_rows_path: Path) -> float:
-    """Cross-entropy of the gold answers in ``eval_rows_path`` under the model (nats per answer token)."""
-    import torch
-
-    from distill.models.loading import load_causal_lm, load_tokenizer
-    from distill.train.examples import IGNORE, collate, load_examples
-
-    model = load_causal_lm(model_dir, "model").eval()
-    tok = load_tokenizer(model_dir, "model")
-    examples, _ = load_examples(eval_rows_path, tok, max_length=256)
-    ce, n = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(examples), 32):
-            b = collate(examples[i : i + 32], tok.pad_token_id)
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
-            labels = b["labels"][:, 1:]
-            ce += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                          ignore_index=IGNORE, reduction="sum"))  # fmt: skip
-            n += int((labels != IGNORE).sum())
-    return ce / max(n, 1)
-
-
 def _greedy_answers(gen, eval_examples) -> list[str]:
     """The greedy answers (up to 24 tokens) of teacher ``gen`` (an `HFTeacher`) to every example."""
     from distill.models.base import Request
@@ -190,28 +127,58 @@ def _greedy_answers(gen, eval_examples) -> list[str]:
     return [c.text for c in gen.complete(reqs, GREEDY)]
 
 
-def _evaluate(model_dir: Path, eval_examples, eval_rows_path: Path, cfg: LMDemoConfig) -> dict[str, Any]:
-    """Exact match (greedy), eval CE of the gold answers (nats/token), params, latency per prompt."""
+def _score(model_dir: Path, eval_examples, eval_rows_path: Path) -> dict[str, Any]:
+    """Exact match of the greedy answers, eval CE of the gold answers (nats/token), three samples."""
     from distill.demos.tasks import exact_match_rate
+    from distill.models.hf import HFTeacher
+    from distill.train.sweep import eval_ce
+
+    answers = _greedy_answers(HFTeacher(model_dir, batch_size=32), eval_examples)
+    return {
+        "exact_match": exact_match_rate(answers, [e.answer for e in eval_examples]),
+        "eval_ce": eval_ce(model_dir, eval_rows_path),
+        "samples": [
+            {"prompt": e.prompt, "gold": e.answer, "answer": a}
+            for e, a in list(zip(eval_examples, answers))[:3]
+        ],
+    }
+
+
+def _timing(model_dir: Path, eval_examples, cfg: LMDemoConfig) -> dict[str, Any]:
+    """Parameters and greedy latency per prompt at batch size 1 (timed in the main process, one model at a time)."""
     from distill.models.base import Request
     from distill.models.hf import HFTeacher
 
     gen = HFTeacher(model_dir, batch_size=32)
-    answers = _greedy_answers(gen, eval_examples)
     timed = [Request(id=e.id, prompt=e.prompt) for e in eval_examples[: cfg.latency_prompts]]
     t0 = time.perf_counter()
     for r in timed:  # one prompt per call: batch size 1
         gen.complete([r], GREEDY)
     latency = (time.perf_counter() - t0) / max(len(timed), 1)
+    return {"params": model_params(model_dir), "latency_ms": latency * 1000}
+
+
+def _student_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Worker: train one student and score it on the held-out prompts (plain data back)."""
+    import io
+
+    from rich.console import Console
+
+    from distill.demos.tasks import make_examples
+    from distill.train import train
+    from distill.train.config import TrainConfig
+
+    cfg = TrainConfig(**job["config"])
+    res = train(cfg, console=Console(file=io.StringIO()))  # its summary line would interleave with others'
+    stop_if_terminated(res)
+    scored = _score(Path(cfg.out), make_examples(job["n_eval"], seed=1), Path(job["eval_rows"]))
     return {
-        "exact_match": exact_match_rate(answers, [e.answer for e in eval_examples]),
-        "eval_ce": _eval_ce(model_dir, eval_rows_path),
-        "params": _params(model_dir),
-        "latency_ms": latency * 1000,
-        "samples": [
-            {"prompt": e.prompt, "gold": e.answer, "answer": a}
-            for e, a in list(zip(eval_examples, answers))[:3]
-        ],
+        **job,
+        "dir": Path(cfg.out),
+        "tokens": res.tokens,
+        "train_seconds": res.seconds,
+        "mode": cfg.mode,
+        **scored,
     }
 
 
@@ -238,27 +205,22 @@ def run(out: str | Path = "runs/demo-lm", *, quick: bool = False, console: Any =
 def _run(cfg: LMDemoConfig, out: Path, quick: bool, console, progress: bool) -> dict[str, Any]:
     from distill.demos.tasks import make_examples, to_rows
     from distill.models.hf import HFTeacher
-    from distill.models.tiny import save_tiny, tiny_causal_lm, train_tokenizer
+    from distill.models.tiny import save_tiny, tiny_causal_lm
     from distill.store.generate import generate
-    from distill.train import train
-    from distill.train.config import TrainConfig
 
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     teacher_train = make_examples(cfg.n_teacher_train, seed=0)
     eval_set = make_examples(cfg.n_eval, seed=1)
     transfer = make_examples(cfg.n_transfer, seed=2)
-    texts = [e.prompt + " " + e.answer for e in teacher_train]
-    tok_dir = out / "tokenizer"
-    if (tok_dir / "tokenizer.json").is_file():
-        from distill.models.loading import load_tokenizer
-
-        tok = load_tokenizer(tok_dir, "tokenizer")
-    else:
-        tok = train_tokenizer(texts, vocab_size=cfg.vocab_size)
-        tok.save_pretrained(tok_dir)
+    tok = load_or_train_tokenizer(out / "tokenizer", [e.prompt + " " + e.answer for e in teacher_train],
+                                  cfg.vocab_size)  # fmt: skip
     console.print("[bold]1/4[/] teacher (trained once, cached under the output directory)")
-    tdir, reused = _teacher(cfg, out, tok, to_rows(teacher_train), console, progress)
+    key = {k: v for k, v in asdict(cfg).items() if k in ("n_teacher_train", "teacher_steps", "batch_size",
+                                                         "teacher_size", "vocab_size", "lr_teacher", "seed")}  # fmt: skip
+    tdir, reused = cached_teacher(out, key, tok, to_rows(teacher_train), size=cfg.teacher_size, seed=cfg.seed,
+                                  console=console, max_steps=cfg.teacher_steps, batch_size=cfg.batch_size,
+                                  lr=cfg.lr_teacher, warmup_steps=20, progress=progress)  # fmt: skip
 
     console.print("[bold]2/4[/] teacher answers the transfer prompts into a store (top-k log-probabilities)")
     prompts = _write_rows(
@@ -271,11 +233,12 @@ def _run(cfg: LMDemoConfig, out: Path, quick: bool, console, progress: bool) -> 
     gold = _write_rows(out / "data" / "labelled_gold.jsonl", to_rows(transfer[: cfg.labelled]))
     eval_rows = _write_rows(out / "data" / "eval_gold.jsonl", to_rows(eval_set))
 
-    console.print(f"[bold]3/4[/] students: same initialisation, same steps and batch ({cfg.seeds} seed(s))")
+    console.print(f"[bold]3/4[/] students: same initialisation, same steps and batch ({cfg.seeds} seed(s), "
+                  f"{cfg.workers} at a time), each scored on the held-out prompts")  # fmt: skip
     layers, width, heads = cfg.student_size
     runs = {"hard labels": ("hard", "sft", gold), "sft (teacher text)": ("sft", "sft", out / "store"),
             "logits (top-k KD)": ("logits", "logits", out / "store")}  # fmt: skip
-    per_seed: dict[str, list[dict[str, Any]]] = {name: [] for name in runs}
+    jobs = []
     for s in range(cfg.seeds):
         # Seed 0's models keep the unsuffixed directories (students/sft, ...) that `distill eval`,
         # `distill route fit` and benchmarks/route.py are pointed at.
@@ -283,20 +246,24 @@ def _run(cfg: LMDemoConfig, out: Path, quick: bool, console, progress: bool) -> 
         init = save_tiny(tiny_causal_lm(len(tok), n_layer=layers, n_embd=width, n_head=heads, seed=cfg.seed + 1 + s),
                          tok, out / "init" / f"student{suffix}")  # fmt: skip
         for name, (kind, mode, data) in runs.items():
-            sdir = out / "students" / f"{kind}{suffix}"
-            res = train(TrainConfig(student=str(init), data=str(data), out=str(sdir), mode=mode, alpha=cfg.alpha,
-                                    temperature=cfg.temperature, max_steps=cfg.student_steps,
-                                    batch_size=cfg.batch_size, lr=cfg.lr_student, warmup_steps=10,
-                                    seed=cfg.seed + s, progress=progress), console=console)  # fmt: skip
-            _stop_if_terminated(res)
-            per_seed[name].append(
-                {"dir": sdir, "tokens": res.tokens, "train_seconds": res.seconds, "mode": mode}
-            )
+            config = dict(student=str(init), data=str(data), out=str(out / "students" / f"{kind}{suffix}"), mode=mode,
+                          alpha=cfg.alpha, temperature=cfg.temperature, max_steps=cfg.student_steps,
+                          batch_size=cfg.batch_size, lr=cfg.lr_student, warmup_steps=10, seed=cfg.seed + s,
+                          progress=False)  # fmt: skip
+            jobs.append({"name": f"{kind}{suffix}", "student": name, "seed": s, "config": config,
+                         "n_eval": cfg.n_eval, "eval_rows": str(eval_rows)})  # fmt: skip
+    with WorkerPool(cfg.workers) as pool:
+        done = run_jobs(_student_job, jobs, pool=pool, console=console, progress=progress)
+    per_seed: dict[str, list[dict[str, Any]]] = {name: [] for name in runs}
+    for r in sorted(done, key=lambda r: r["seed"]):
+        per_seed[r["student"]].append(r)
 
-    console.print("[bold]4/4[/] evaluation on held-out prompts")
-    results = {"teacher": {**_evaluate(tdir, eval_set, eval_rows, cfg), "cached": reused}}
+    console.print("[bold]4/4[/] latency on held-out prompts, one model at a time")
+    results = {
+        "teacher": {**_score(tdir, eval_set, eval_rows), **_timing(tdir, eval_set, cfg), "cached": reused}
+    }
     for name, seeds in per_seed.items():
-        evals = [_evaluate(t["dir"], eval_set, eval_rows, cfg) for t in seeds]
+        evals = [{**t, **_timing(t["dir"], eval_set, cfg)} for t in seeds]
         results[name] = _aggregate(evals, seeds, cfg.labelled if name == "hard labels" else gen.total)
     teacher = results["teacher"]
     for r in results.values():
