@@ -18,3 +18,12 @@ def fit_full_batch(model: torch.nn.Module, X, y, steps: int) -> torch.nn.Module:
         torch.nn.functional.cross_entropy(model(x), t).backward()
         opt.step()
     return model.eval()
+
+
+def worker_probe(x: int) -> tuple[int, int, int]:
+    """For `distill.train.parallel` tests: ``(x * x, torch threads, process id)``; x < 0 raises."""
+    import os
+
+    if x < 0:
+        raise ValueError(f"negative input {x}")
+    return x * x, torch.get_num_threads(), os.getpid()

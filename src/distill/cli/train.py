@@ -50,6 +50,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag, kw = _flag(f, hints[f.name])
         parser.add_argument(flag, **kw)
+    # Choosing settings on validation (distill.train.sweep): one student per grid point, the best one named.
+    a = parser.add_argument
+    a("--sweep", action="append", metavar="NAME=V1,V2", help="train one student per value (repeat for a grid), "
+      "e.g. --sweep temperature=1,2,4,8 --sweep alpha=0.5,0.9; each in OUT/NAME=V,...; needs --val")  # fmt: skip
+    a("--val", metavar="FILE", help="--sweep: validation rows (prompt, completion) that no point trains on")
+    a("--sweep-metric", choices=("eval_ce", "exact_match"), default="eval_ce",
+      help="--sweep: validation CE of the completions (lower wins) or exact match of greedy answers (higher wins)")  # fmt: skip
+    a(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="--sweep: points trained side by side in N processes",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, {name: getattr(args, name) for name in FIELD_NAMES})
     console = Console(stderr=True)
+    if args.sweep or args.val:
+        return _sweep(args, cfg, console)
     result = train(cfg, console=console)
     from accelerate import PartialState
 
@@ -74,4 +90,24 @@ def run(args: argparse.Namespace) -> int:
         f"trained {result.steps} steps, {result.tokens:,} tokens, final loss {result.final_loss:.4f} "
         f"in {result.seconds:.1f} s; model saved to {result.out}"
     )
+    return 0
+
+
+def _sweep(args: argparse.Namespace, cfg, console) -> int:
+    from distill import report
+    from distill.train.sweep import parse_grid, sweep
+
+    if not args.sweep or not args.val:
+        raise ValueError(
+            "--sweep and --val go together: a grid of settings and the validation file that chooses"
+        )
+    result = sweep(cfg, parse_grid(args.sweep), val=args.val, metric=args.sweep_metric, workers=args.workers,
+                   console=console)  # fmt: skip
+    names = list(result.best.settings)
+    rows = [[*p.settings.values(), p.scores["eval_ce"], p.scores["exact_match"], "<- best" if p is result.best else ""]
+            for p in result.points]  # fmt: skip
+    report.print_table(f"distill train --sweep ({result.metric} on {args.val})",
+                       [*names, "val CE", "val exact match", ""], rows, console=console)  # fmt: skip
+    console.print(f"best: {result.best.settings} in {result.best.out} (capture temperature "
+                  f"{result.capture_temperature:g}); all points in {cfg.out}/sweep.json")  # fmt: skip
     return 0

@@ -118,8 +118,8 @@ class TriageDemoConfig:
         return max(self.budgets)
 
 
-QUICK = dict(budget=60, budgets=(30, 60), labelled=30, n_teacher_train=2000, n_val=100, n_test=200,
-             teacher_steps=80, student_steps=30, temperatures=(1.0, 4.0), alphas=(0.9,), seeds=1)  # fmt: skip
+QUICK = dict(budget=60, budgets=(30, 60), labelled=30, n_teacher_train=1600, n_val=80, n_test=160,
+             teacher_steps=50, student_steps=20, temperatures=(1.0, 4.0), alphas=(0.9,), seeds=1)  # fmt: skip
 
 
 def run(out: str | Path = "runs/demo-triage", *, quick: bool = False, console: Any = None, progress: bool = True,

@@ -42,7 +42,11 @@ def test_prompts_answers_and_distributions_are_consistent():
     assert {len(e.teams) for e in examples} == {1, 2}
     assert set(e.answer for e in examples) == set(TEAMS)
     rows = to_rows(examples[:2])
-    assert rows[0] == {"id": examples[0].id, "prompt": examples[0].prompt, "completion": " " + examples[0].answer}
+    assert rows[0] == {
+        "id": examples[0].id,
+        "prompt": examples[0].prompt,
+        "completion": " " + examples[0].answer,
+    }
 
 
 def test_mixed_labels_follow_the_priority_softmax():
