@@ -158,7 +158,9 @@ def train(cfg: TrainConfig, *, accelerator=None, console=None) -> TrainResult:
     global_batch = cfg.batch_size * cfg.grad_accum * world
     order = BatchOrder(len(examples), cfg.seed)
     start = setup.resume(cfg, accelerator, run, say)
-    checkpoints = setup.Checkpointer(cfg, accelerator, run, order, global_batch, len(examples))
+    checkpoints = setup.Checkpointer(
+        cfg, accelerator, run, order, global_batch, len(examples), stats.capture_temperature
+    )
     prepare_output(out)  # a read-only directory fails now, in one line, not at the first save
     tracking = setup.trackers(cfg, accelerator)
     # Under FSDP a sharded forward is a collective: every process samples as many steps as the slowest.

@@ -248,6 +248,8 @@ class Checkpointer:
     order: BatchOrder
     global_batch: int
     n_examples: int
+    capture_temperature: float = 1.0
+    """The temperature of the data's top-k log-probabilities (recorded beside ``config.temperature``)."""
 
     def save(self, step: int, tokens: int) -> None:
         """Checkpoint after ``step`` optimizer steps and ``tokens`` counted tokens; a collective."""
@@ -260,6 +262,7 @@ class Checkpointer:
                 "step": step,
                 "tokens": tokens,
                 "config": self.cfg.to_dict(),
+                "capture_temperature": self.capture_temperature,
                 "world_size": acc.num_processes,
                 "data_position": self.order.position(step, self.global_batch),
                 "n_examples": self.n_examples,

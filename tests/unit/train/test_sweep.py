@@ -85,7 +85,11 @@ def test_sweep_trains_every_point_scores_on_validation_and_records_both_temperat
         trained = json.loads(
             sorted((p.out / "checkpoints").glob("step-*"))[-1].joinpath("trainer_state.json").read_text()
         )
-        assert trained["config"]["temperature"] == p.settings["temperature"]
+        # Both temperatures are recorded with the trained student: the store's capture T and the distillation T.
+        assert (
+            trained["config"]["temperature"] == p.settings["temperature"]
+            and trained["capture_temperature"] == 1.0
+        )
     saved = json.loads((tmp_path / "sw" / "sweep.json").read_text())
     assert saved["capture_temperature"] == 1.0 and saved["best"]["settings"] == result.best.settings
     assert saved["higher_is_better"] is False and len(saved["points"]) == 2
