@@ -11,9 +11,12 @@ The setting, all on this machine's CPU, nothing downloaded:
    each trained by `distill.train.train` once per seed (``seeds``: initialisation and data order):
    ``hard labels`` (the ``labelled`` gold answers alone, seen many times over; no teacher), ``sft``
    (the teacher's answers to every transfer prompt) and ``logits`` (the teacher's top-k
-   log-probabilities on every transfer prompt, forward KL mixed with CE on its answers).
+   log-probabilities on every transfer prompt, forward KL mixed with CE on its answers). The students
+   are independent: they train side by side, one worker process (one torch thread) per core
+   (``workers``), with the same results as one after another.
 4. Every model is scored on held-out prompts: exact match of its greedy answer, eval cross-entropy
-   of the gold answer, parameters, and greedy-decoding latency (speedup against the teacher).
+   of the gold answer (in the worker that trained it), parameters, and greedy-decoding latency
+   (speedup against the teacher; timed afterwards in the main process, one model at a time).
    Students' exact match and eval CE are reported as mean ± std over seeds, as in the digits demo:
    one seed cannot tell a method's effect from the luck of its initialisation.
 
