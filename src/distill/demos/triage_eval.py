@@ -73,10 +73,16 @@ def scores(pred: dict[str, Any], examples, teacher: dict[str, Any] | None) -> di
 
     correct = np.array([t == e.answer for t, e in zip(pred["team"], examples)], dtype=float)
     expected = [e.distribution[TEAMS.index(t)] if t in TEAMS else 0.0 for t, e in zip(pred["team"], examples)]
+    one = np.array([len(e.teams) == 1 for e in examples])
     out = {
         "accuracy": float(correct.mean()),
         "expected_accuracy": statistics.fmean(expected),
         "ece": calibration_error(np.array(pred["confidence"]), correct),
+        # Where a method gains: tickets with one issue (a certain label) or two (a sampled one).
+        "accuracy_one_issue": float(correct[one].mean()) if one.any() else float("nan"),
+        "expected_accuracy_two_issues": float(np.array(expected)[~one].mean())
+        if (~one).any()
+        else float("nan"),
     }
     if teacher is not None:
         out["agreement"] = statistics.fmean(a == b for a, b in zip(pred["team"], teacher["team"]))
@@ -152,8 +158,12 @@ def summarise(
         acc = curve[best][str(b)]["accuracy"]["mean"]
         gap = acc - curve["sft"][str(b)]["accuracy"]["mean"]
         ratio = params["teacher"] / params["student"]
+        # The same check on expected accuracy (no label-sampling noise), reported beside the issue's metric.
+        exp = curve[best][str(b)]["expected_accuracy"]["mean"]
+        exp_gap = exp - curve["sft"][str(b)]["expected_accuracy"]["mean"]
         target.append({"budget": b, "best_soft": best, "accuracy": acc, "gap_over_sft": gap,
                        "retained": acc / t_acc if t_acc else None, "param_ratio": ratio,
+                       "expected_gap_over_sft": exp_gap, "expected_retained": exp / t_test["expected_accuracy"],
                        "met": b <= 1000 and gap >= 0.03 and t_acc > 0 and acc / t_acc >= 0.95 and ratio >= 5})  # fmt: skip
     curve_summary = {k: {b: {"mean": v["accuracy"]["mean"], "std": v["accuracy"]["std"],
                              "per_seed": v["accuracy"]["per_seed"]} for b, v in c.items()} for k, c in curve.items()}  # fmt: skip
