@@ -47,9 +47,9 @@ def stop_if_terminated(res) -> None:
 def load_or_train_tokenizer(tok_dir: Path, texts: Sequence[str], vocab_size: int):
     """The tokenizer saved in ``tok_dir``, or a byte-level BPE trained on ``texts`` and saved there."""
     if (tok_dir / "tokenizer.json").is_file():
-        from transformers import AutoTokenizer
+        from distill.models.loading import load_tokenizer
 
-        return AutoTokenizer.from_pretrained(tok_dir)
+        return load_tokenizer(tok_dir, "tokenizer")
     from distill.models.tiny import train_tokenizer
 
     tok = train_tokenizer(texts, vocab_size=vocab_size)

@@ -151,12 +151,12 @@ def eval_ce(model_dir: str | Path, data: str | Path, *, batch_size: int = 32) ->
 
     Each completion and its end-of-sequence token given its prompt, teacher-forced; nats per completion token."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from distill.models.loading import load_causal_lm, load_tokenizer
     from distill.train.examples import IGNORE, collate, load_examples
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = load_causal_lm(model_dir, "model").eval()
+    tok = load_tokenizer(model_dir, "model")
     max_length = int(getattr(model.config, "max_position_embeddings", 2048))
     examples, _ = load_examples(data, tok, max_length=max_length)
     ce, n = 0.0, 0
