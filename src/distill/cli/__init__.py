@@ -16,7 +16,7 @@ import sys
 
 # command name -> (module under distill.cli, one-line help). A plain dict: no registry, no import side effects.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("demo", "run the built-in distillation demo (classifier on digits, or --task lm)"),
+    "demo": ("demo", "run the built-in distillation demo (classifier on digits, --task lm or --task triage)"),
     "generate": ("generate", "send prompts to a teacher and store its answers (resumable)"),
     "serve": ("serve", "serve a local causal LM behind an OpenAI-compatible API"),
     "train": ("train", "train a language-model student (sft, logits, on-policy)"),

@@ -3,7 +3,9 @@
 Owns: `train` (the one training loop, `loop.py`; its setup steps in `setup.py`, the objective resolved
 once from the config in `objective.py`, on-policy sampling in `onpolicy.py`), `TrainConfig` (`config.py`),
 examples from a store or a table (`examples.py`), vocabulary checks (`vocab.py`), atomic checkpoints (`checkpoint.py`),
-multi-process helpers over `accelerate` (`distributed.py`) and trackers (`trackers.py`).
+multi-process helpers over `accelerate` (`distributed.py`) and trackers (`trackers.py`); choosing
+settings such as the distillation temperature on validation (`sweep.py`) and independent jobs side by
+side in worker processes (`parallel.py`).
 May import: the shared modules, `distill.losses`, `distill.models`, `distill.store`.
 """
 
