@@ -35,7 +35,8 @@ class WorkerPool:
     """Worker processes kept for several batches of jobs: ``with WorkerPool(2) as pool: pool.map(fn, items)``.
 
     Starting a worker costs seconds (it imports torch and transformers), so a run with two phases of
-    jobs (the second depending on the first's results) keeps one pool. ``workers=1``: no processes,
+    jobs (the second depending on the first's results) keeps one pool. Workers are started with
+    ``spawn``: a script that uses a pool needs the usual ``if __name__ == "__main__":`` guard. ``workers=1``: no processes,
     jobs run here in order. ``threads``: torch threads per worker (and here, for ``workers=1``).
     """
 
@@ -92,6 +93,7 @@ class WorkerPool:
                 torch.set_num_threads(previous)
             return
         from concurrent.futures import FIRST_COMPLETED, wait
+        from concurrent.futures.process import BrokenProcessPool
 
         futures = {self._pool.submit(fn, item): i for i, item in enumerate(items)}
         try:
@@ -99,7 +101,16 @@ class WorkerPool:
             while pending:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in done:
-                    yield futures[fut], fut.result()
+                    try:
+                        result = fut.result()
+                    except BrokenProcessPool:
+                        raise RuntimeError(
+                            "a worker process died before finishing its job (killed, out of memory, or "
+                            "started from a script without `if __name__ == '__main__':` around its entry "
+                            "point: workers are started with spawn, which re-imports that script); "
+                            "workers=1 runs the jobs in this process"
+                        ) from None
+                    yield futures[fut], result
         finally:
             for fut in futures:
                 fut.cancel()

@@ -29,3 +29,19 @@ def test_one_worker_runs_here_in_order():
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match="workers must be an integer >= 1"):
             WorkerPool(bad)
+
+
+def test_a_worker_that_dies_is_one_clear_error(tmp_path):
+    import subprocess
+    import sys
+
+    # A script without the __main__ guard: each spawned worker re-runs it and dies; the caller says why.
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from distill.train.parallel import WorkerPool\nfrom training_helpers import worker_probe\n"
+        "with WorkerPool(2) as pool:\n    print(list(pool.map(worker_probe, [1, 2])))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode != 0
+    assert "if __name__ == '__main__':" in done.stderr and "workers=1" in done.stderr
