@@ -95,8 +95,9 @@ class LMDemoConfig:
     ``seed + 1 + s`` and shuffled with ``seed + s``."""
     seeds: int = 2
     """Student seeds (initialisation and data order); exact match and eval CE as mean ± std."""
-    workers: int = field(default_factory=lambda: min(default_workers(), 2))
-    """Processes training students side by side (one torch thread each); the numbers do not depend on it."""
+    workers: int = field(default_factory=lambda: min(default_workers(), 8))
+    """Processes training students side by side (one torch thread each; default: the cores, at most 8);
+    the numbers do not depend on it."""
 
     def __post_init__(self) -> None:
         if int(self.seeds) < 1:

@@ -81,8 +81,9 @@ class TriageDemoConfig:
     seed: int = 0
     """Teacher seed; student seed s is initialised with ``seed + 1 + s`` and shuffled with ``seed + s``."""
     seeds: int = 3
-    workers: int = field(default_factory=lambda: min(default_workers(), 2))
-    """Processes training students side by side (one torch thread each)."""
+    workers: int = field(default_factory=lambda: min(default_workers(), 8))
+    """Processes training students side by side (one torch thread each; default: the cores, at most 8);
+    the numbers do not depend on it."""
     teacher_threads: int = 1
     """Torch threads of the teacher's training. 2 threads were 1.5x faster on the idle 2-core machine and
     5x slower on the shared, loaded one (OpenMP threads contending), so 1 by default."""
