@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
-import hmac
 import logging
 import time
 import uuid
@@ -47,8 +45,8 @@ from distill.serve.format import (
     parse_stream,
     read_json,
     stream_events,
-    too_large,
 )
+from distill.serve.guard import Guard
 from distill.serve.routing import RoutingPolicy
 
 log = logging.getLogger("distill.serve")
@@ -174,7 +172,6 @@ def build_app(
     `distill.serve.routing`) and ``GET /metrics`` reports the counts in Prometheus text format.
     """
     limits = limits or ServeLimits()
-    key_digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
     ident = backend.identity()
     model_id = str(ident.get("name", "model"))
     batcher = _Batcher(backend)
@@ -190,22 +187,7 @@ def build_app(
     app.state.backend = backend
     app.state.limits = limits
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if request.url.path != "/health" and key_digest is not None:
-            auth = request.headers.get("authorization", "")
-            scheme, _, given = auth.partition(" ")
-            given_digest = hashlib.sha256(given.strip().encode()).digest()
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given_digest, key_digest):
-                return error_response(
-                    APIError("missing or invalid API key", status=401, code="invalid_api_key")
-                )
-        length = request.headers.get("content-length")
-        if length is not None and not length.isdigit():
-            return error_response(APIError("Content-Length must be a non-negative integer", status=400))
-        if length is not None and int(length) > limits.max_body_bytes:
-            return too_large(limits)
-        return await call_next(request)
+    app.add_middleware(Guard, api_key=api_key, limits=limits)
 
     @app.exception_handler(APIError)
     async def api_error(_request: Request, err: APIError):

@@ -28,7 +28,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx
 from starlette.background import BackgroundTask
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -95,9 +94,10 @@ def load_router(path: str | Path) -> Router:
     return router
 
 
-def check_fallback_url(url: str) -> str:
-    """The fallback base URL without a trailing slash; a clear ``--fallback`` error otherwise."""
-    return check_base_url(url, "--fallback", "--fallback-api-key-env")
+def check_fallback_url(url: str, flag: str = "--fallback", key_flag: str = "--fallback-api-key-env") -> str:
+    """The base URL without a trailing slash; a clear error naming ``flag`` otherwise (also for a
+    URL carrying credentials: keys come from the variable ``key_flag`` names)."""
+    return check_base_url(url, flag, key_flag)
 
 
 class RoutingPolicy:
@@ -232,7 +232,8 @@ class RoutingPolicy:
         ``x-distill-route-reason`` header. A streamed answer's server-sent events pass through as
         they arrive (its tokens count when it carries a usage chunk)."""
         if not self.fallback.try_acquire():
-            return busy(self.fallback)
+            self.fallback.rejected += 1
+            return busy(f"the fallback teacher ({self.fallback.max_inflight})")
         if self.fallback_model is not None:
             body = {**body, "model": self.fallback_model}
         url = self.fallback_url + path
@@ -297,9 +298,9 @@ RETRY_AFTER_SECONDS = 1
 """``Retry-After`` of a 429 answered because an upstream has ``max_inflight`` requests out."""
 
 
-def busy(upstream: Upstream) -> Response:
-    """429 with ``Retry-After``: ``upstream`` already has its ``max_inflight`` requests in flight."""
-    msg = f"too many requests in flight to the {upstream.name} ({upstream.max_inflight}); retry shortly"
+def busy(what: str) -> Response:
+    """429 with ``Retry-After``: ``what`` (an upstream, its cap) has its ``max_inflight`` requests out."""
+    msg = f"too many requests in flight to {what}; retry shortly"
     response = error_response(APIError(msg, status=429, code="rate_limit_exceeded"))
     response.headers["retry-after"] = str(RETRY_AFTER_SECONDS)
     return response

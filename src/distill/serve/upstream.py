@@ -101,6 +101,7 @@ class Upstream:
         self._head = block.encode("latin-1")
         self._idle: list[_Conn] = []
         self.inflight = 0
+        self.rejected = 0  # requests its owner answered 429 because it was full
 
     def __repr__(self) -> str:  # never shows the key
         return f"Upstream({self.url!r}, name={self.name!r}, inflight={self.inflight}/{self.max_inflight})"
