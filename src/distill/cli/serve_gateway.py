@@ -103,6 +103,10 @@ def run(args: argparse.Namespace) -> int:
     from distill.serve.routing import check_fallback_url
     from distill.serve.students import StudentPool
 
+    # The URLs first: every later message names the student URL, which must hold no credentials.
+    urls = [check_fallback_url(args.model_dir, "MODEL_DIR/URL", "--student-api-key-env")]
+    for u in args.student_replica or []:
+        urls.append(check_fallback_url(u, "--student-replica", "--student-api-key-env"))
     for name, default in LOCAL_ONLY.items():
         if getattr(args, name) != default:
             flag = "--" + name.replace("_", "-")
@@ -113,12 +117,6 @@ def run(args: argparse.Namespace) -> int:
         )
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
-    flag = "MODEL_DIR/URL"
-    urls = [check_fallback_url(args.model_dir, flag, "--student-api-key-env")]
-    urls += [
-        check_fallback_url(u, "--student-replica", "--student-api-key-env")
-        for u in args.student_replica or []
-    ]
     api_key = _key_from_env("--api-key-env", args.api_key_env)
     student_key = _key_from_env("--student-api-key-env", args.student_api_key_env)
     max_inflight = 128 if args.max_inflight is None else args.max_inflight

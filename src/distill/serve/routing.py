@@ -270,8 +270,8 @@ class RoutingPolicy:
         tail = b""
         try:
             async for piece in pieces:
+                tail = _scan_usage(tail + piece, self.metrics)  # before it is sent: counted when seen
                 yield piece
-                tail = _scan_usage(tail + piece, self.metrics)
         except UpstreamError as err:  # headers are sent: all that is left is to end the stream
             log.warning("fallback stream failed: %s", err)
             self.metrics.record_fallback_error()
