@@ -123,7 +123,11 @@ class Upstream:
         try:
             async with asyncio.timeout(self.timeout):
                 conn, reply = await self._exchange(method, path, body)
-                reply.body = b"".join([c async for c in self._body(conn, reply.headers)])
+                length = reply.headers.get("content-length", "")
+                if length.isdigit() and "transfer-encoding" not in reply.headers:
+                    reply.body = await self._exactly(conn, int(length), reply.headers, path)
+                else:
+                    reply.body = b"".join([c async for c in self._body(conn, reply.headers)])
         except TimeoutError:
             raise UpstreamError(f"timed out after {self.timeout:g} s ({self.url}{path})") from None
         return reply
@@ -181,6 +185,22 @@ class Upstream:
         if version == "HTTP/1.0" and headers.get("connection", "").lower() != "keep-alive":
             headers.setdefault("connection", "close")
         return Reply(int(code), headers)
+
+    async def _exactly(self, conn: _Conn, n: int, headers: dict[str, str], where: str) -> bytes:
+        """A Content-Length body in one read (the common case: no generator to drive)."""
+        try:
+            data = await conn.reader.readexactly(n)
+        except BaseException as err:
+            conn.close()
+            if isinstance(err, asyncio.IncompleteReadError | ConnectionError | OSError):
+                raise UpstreamError(f"{type(err).__name__} reading the answer of {self.url}{where}") from None
+            raise
+        if headers.get("connection", "").lower() != "close" and conn.usable():
+            conn.reused = True
+            self._idle.append(conn)
+        else:
+            conn.close()
+        return data
 
     async def _body(
         self, conn: _Conn, headers: dict[str, str], *, gap: float | None = None, where: str = ""
