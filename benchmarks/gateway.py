@@ -17,10 +17,10 @@ too (the decision needs it): its added latency is shown over the teacher alone a
 student + teacher.
 
 Part 2, time to first token of the local `distill serve` on a 4-layer model built here: the
-server run from this checkout, and from ``--baseline-src`` (e.g. a `git worktree` of the commit
-before token streaming, which sent the whole answer as one event once decoding finished), one
-request at a time, ``stream: true``, 64 tokens, greedy: time to the first event with text and to
-the end. Tables: docs/serve.md.
+server run from this checkout, and from ``--baseline-src`` (e.g. ``git archive`` of the commit
+before token streaming, which sent the whole answer as one event once decoding finished); both
+run at once and take turns, one request at a time, ``stream: true``, 64 tokens, greedy: time to
+the first event with text and to the end. Tables: docs/serve.md.
 """
 
 from __future__ import annotations
@@ -244,9 +244,25 @@ def _ttft_model(tmp: Path) -> Path:
     return save_tiny(model, tok, tmp / "ttft-model")
 
 
-def bench_ttft(args, tmp: Path, console: Console) -> list[dict]:
+def _stream_once(port: int, body: dict) -> tuple[float, float, int]:
+    """(seconds to the first event with text, seconds to the end, events) of one streamed request."""
     import httpx
 
+    t0 = time.perf_counter()
+    first, n = None, 0
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    with httpx.stream("POST", url, json={**body, "stream": True}, timeout=300) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                n += 1
+                if first is None and json.loads(line[6:])["choices"][0].get("text"):
+                    first = time.perf_counter() - t0
+    total = time.perf_counter() - t0
+    return (first if first is not None else total), total, n
+
+
+def bench_ttft(args, tmp: Path, console: Console) -> list[dict]:
+    """Both servers run at once and take turns, one request at a time: the same load for both."""
     model = _ttft_model(tmp)
     sources = [("this checkout", ROOT / "src")]
     if args.baseline_src:
@@ -257,44 +273,34 @@ def bench_ttft(args, tmp: Path, console: Console) -> list[dict]:
         "max_tokens": args.ttft_tokens,
         "temperature": 0,
     }
-    out = []
-    for name, src in sources:
-        port = _free_port()
-        env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
-        cmd = [sys.executable, "-m", "distill", "serve", str(model), "--port", str(port)]
-        proc = _start(cmd, env, tmp / f"serve-{name.replace(' ', '-')}.log", port)
-        firsts, totals, events = [], [], []
-        try:
-            for i in range(args.ttft_requests + 1):  # the first is a warm-up
-                t0 = time.perf_counter()
-                first, n = None, 0
-                with httpx.stream(
-                    "POST",
-                    f"http://127.0.0.1:{port}/v1/completions",
-                    json={**body, "stream": True},
-                    timeout=300,
-                ) as r:
-                    for line in r.iter_lines():
-                        if line.startswith("data: {"):
-                            n += 1
-                            if first is None and json.loads(line[6:])["choices"][0].get("text"):
-                                first = time.perf_counter() - t0
-                total = time.perf_counter() - t0
+    procs, ports = [], []
+    try:
+        for name, src in sources:
+            port = _free_port()
+            env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
+            cmd = [sys.executable, "-m", "distill", "serve", str(model), "--port", str(port)]
+            procs.append(_start(cmd, env, tmp / f"serve-{name.replace(' ', '-')}.log", port))
+            ports.append(port)
+        runs: list[list[tuple[float, float, int]]] = [[] for _ in sources]
+        for i in range(args.ttft_requests + 1):  # the first round is a warm-up
+            for j, port in enumerate(ports):
+                got = _stream_once(port, body)
                 if i:
-                    firsts.append(first if first is not None else total)
-                    totals.append(total)
-                    events.append(n)
-        finally:
+                    runs[j].append(got)
+    finally:
+        for proc in procs:
             proc.terminate()
             proc.wait()
+    out = []
+    for (name, src), got in zip(sources, runs):
         out.append(
             {
                 "server": name,
                 "src": str(src),
-                "ttft_ms_median": 1e3 * statistics.median(firsts),
-                "total_ms_median": 1e3 * statistics.median(totals),
-                "events_median": statistics.median(events),
-                "requests": len(firsts),
+                "ttft_ms_median": 1e3 * statistics.median(g[0] for g in got),
+                "total_ms_median": 1e3 * statistics.median(g[1] for g in got),
+                "events_median": statistics.median(g[2] for g in got),
+                "requests": len(got),
             }
         )
         console.print(
