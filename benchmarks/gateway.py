@@ -244,21 +244,63 @@ def _ttft_model(tmp: Path) -> Path:
     return save_tiny(model, tok, tmp / "ttft-model")
 
 
-def _stream_once(port: int, body: dict) -> tuple[float, float, int]:
-    """(seconds to the first event with text, seconds to the end, events) of one streamed request."""
+def _stream_once(port: int, body: dict) -> tuple[float, float, float, int]:
+    """Seconds to the first event with a token (its id; its text may still be held back as an
+    incomplete UTF-8 character), to the first with text, to the end; and the number of events."""
     import httpx
 
     t0 = time.perf_counter()
-    first, n = None, 0
+    first = first_text = None
+    n = 0
     url = f"http://127.0.0.1:{port}/v1/completions"
     with httpx.stream("POST", url, json={**body, "stream": True}, timeout=300) as r:
         for line in r.iter_lines():
             if line.startswith("data: {"):
                 n += 1
-                if first is None and json.loads(line[6:])["choices"][0].get("text"):
+                choice = json.loads(line[6:])["choices"][0]
+                if first is None and (choice.get("token_ids") or choice.get("text")):
                     first = time.perf_counter() - t0
+                if first_text is None and choice.get("text"):
+                    first_text = time.perf_counter() - t0
     total = time.perf_counter() - t0
-    return (first if first is not None else total), total, n
+    return first or total, first_text or total, total, n
+
+
+def _in_process(model: Path, body: dict, n: int) -> dict:
+    """The model alone (this process, 1 thread, no HTTP): when `HFTeacher.generate` reports its
+    first token through ``on_token``, and its whole answer: what the servers' figures compare to."""
+    import torch
+
+    from distill.models.base import GenerationSettings, Request
+    from distill.models.hf import HFTeacher
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the servers run (OMP_NUM_THREADS=1)
+    try:
+        teacher = HFTeacher(model)
+        settings = GenerationSettings(max_new_tokens=body["max_tokens"], temperature=0)
+        runs = []
+        for i in range(n + 1):
+            seen: list[float] = []
+            t0 = time.perf_counter()
+            teacher.generate(
+                [Request(id="r", prompt=body["prompt"])],
+                settings,
+                on_token=lambda _t, seen=seen: seen.append(time.perf_counter()),
+            )
+            if i:
+                runs.append((seen[0] - t0, time.perf_counter() - t0))
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        "server": "HFTeacher in process",
+        "src": str(ROOT / "src"),
+        "ttft_ms_median": 1e3 * statistics.median(r[0] for r in runs),
+        "first_text_ms_median": None,
+        "total_ms_median": 1e3 * statistics.median(r[1] for r in runs),
+        "events_median": None,
+        "requests": len(runs),
+    }
 
 
 def bench_ttft(args, tmp: Path, console: Console) -> list[dict]:
@@ -281,7 +323,7 @@ def bench_ttft(args, tmp: Path, console: Console) -> list[dict]:
             cmd = [sys.executable, "-m", "distill", "serve", str(model), "--port", str(port)]
             procs.append(_start(cmd, env, tmp / f"serve-{name.replace(' ', '-')}.log", port))
             ports.append(port)
-        runs: list[list[tuple[float, float, int]]] = [[] for _ in sources]
+        runs: list[list[tuple[float, float, float, int]]] = [[] for _ in sources]
         for i in range(args.ttft_requests + 1):  # the first round is a warm-up
             for j, port in enumerate(ports):
                 got = _stream_once(port, body)
@@ -291,15 +333,16 @@ def bench_ttft(args, tmp: Path, console: Console) -> list[dict]:
         for proc in procs:
             proc.terminate()
             proc.wait()
-    out = []
+    out = [_in_process(model, body, args.ttft_requests)]
     for (name, src), got in zip(sources, runs):
         out.append(
             {
                 "server": name,
                 "src": str(src),
                 "ttft_ms_median": 1e3 * statistics.median(g[0] for g in got),
-                "total_ms_median": 1e3 * statistics.median(g[1] for g in got),
-                "events_median": statistics.median(g[2] for g in got),
+                "first_text_ms_median": 1e3 * statistics.median(g[1] for g in got),
+                "total_ms_median": 1e3 * statistics.median(g[2] for g in got),
+                "events_median": statistics.median(g[3] for g in got),
                 "requests": len(got),
             }
         )
@@ -369,14 +412,16 @@ def main(argv: list[str] | None = None) -> int:
         table = Table(
             title=f"distill serve, stream: true, {args.ttft_tokens} tokens, greedy, one request at a time"
         )
-        for col in ("server", "time to first token ms", "whole answer ms", "events"):
+        for col in ("server", "first token ms", "first text ms", "whole answer ms", "ms per token", "events"):
             table.add_column(col, justify="right")
         for r in ttft:
             table.add_row(
                 r["server"],
                 f"{r['ttft_ms_median']:.1f}",
+                "" if r["first_text_ms_median"] is None else f"{r['first_text_ms_median']:.1f}",
                 f"{r['total_ms_median']:.1f}",
-                f"{r['events_median']:.0f}",
+                f"{r['total_ms_median'] / args.ttft_tokens:.1f}",
+                "" if r["events_median"] is None else f"{r['events_median']:.0f}",
             )
         console.print(table)
     out = Path(args.out)

@@ -56,21 +56,23 @@ class _Choice:
         self.offset = 0  # characters of the sent tokens' texts (completions' text_offset)
         self.first = True
 
-    def push(self, tok: Token) -> dict | None:
-        self.text += tok.text
-        toks = []
-        if self.cut is None:
-            toks = [tok]
-            if self.stops:  # the token that completes a stop string is the last one kept
-                self.raw += self.token_bytes(tok.token_id)
-                if any(x in self.raw.decode("utf-8", errors="replace") for x in self.stops):
-                    self.cut = self.n_sent + 1
+    def push(self, toks: list[Token]) -> dict | None:
+        """One event for ``toks`` (this choice's tokens that arrived since the last event)."""
+        sent = []
+        for tok in toks:
+            self.text += tok.text
+            if self.cut is None:
+                sent.append(tok)
+                if self.stops:  # the token that completes a stop string is the last one kept
+                    self.raw += self.token_bytes(tok.token_id)
+                    if any(x in self.raw.decode("utf-8", errors="replace") for x in self.stops):
+                        self.cut = self.n_sent + len(sent)
         safe = self.text
         if self.stops:
             hits = [safe.find(x) for x in self.stops if x in safe]
             hold = max(len(x) for x in self.stops) - 1  # could be the start of a stop string
             safe = safe[: min(hits)] if hits else safe[: max(len(safe) - hold, len(self.sent))]
-        return self._chunk(safe[len(self.sent) :], toks)
+        return self._chunk(safe[len(self.sent) :], sent)
 
     def finish(self, g: Generation) -> list[dict]:
         """The rest of the choice from its final generation (after ``stop`` cuts), then its end."""
@@ -175,8 +177,14 @@ async def stream_answer(
         tok = first
         try:
             while tok is not None:
-                if (chunk := choices[tok.index].push(tok)) is not None:
-                    yield event({**head, "choices": [chunk]})
+                # Tokens that queued up while the last event went out leave together (one event
+                # per choice): when sending lags behind decoding, it costs fewer events, not delay.
+                arrived = [tok]
+                while not sink.queue.empty():
+                    arrived.append(sink.queue.get_nowait())
+                for index in dict.fromkeys(t.index for t in arrived):
+                    if (chunk := choices[index].push([t for t in arrived if t.index == index])) is not None:
+                        yield event({**head, "choices": [chunk]})
                 tok = await _next(sink.queue, task)
             gens = [apply_stop(g, stops, token_bytes) for g in task.result()]
         except APIError as err:
