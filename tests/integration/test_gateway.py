@@ -68,13 +68,11 @@ def setup(tiny_student_dir, tiny_lm_server, tmp_path_factory):
              "teacher_quality": [1.0] * 8}
         )  # fmt: skip
         yield {
-            "tmp": tmp,
-            "router": router.save(tmp / "router.json"),
-            "threshold": hi,
+            "tmp": tmp, "router": router.save(tmp / "router.json"), "threshold": hi,
             "route": {p: "student" if c >= hi else "teacher" for p, c in own.items()},
             "student_url": student_url,
             "teacher_url": tiny_lm_server,
-        }
+        }  # fmt: skip
 
 
 @pytest.fixture(scope="module")

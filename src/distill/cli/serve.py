@@ -97,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if serve_gateway.is_url(args.model_dir):
-        return serve_gateway.run(args)
+        return serve_gateway.run(args, _key_from_env, _routing)
     serve_gateway.check_local_flags(args)
     import uvicorn
 

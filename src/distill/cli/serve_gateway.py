@@ -94,10 +94,11 @@ def check_local_flags(args: argparse.Namespace) -> None:
             )
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, key_from_env, make_routing) -> int:
+    """Start the gateway. ``key_from_env(flag, name)`` and ``make_routing(args, gateway=True,
+    max_inflight=N)`` are `distill.cli.serve`'s (passed in: this module is imported by that one)."""
     import uvicorn
 
-    from distill.cli.serve import _key_from_env, _routing
     from distill.serve.format import ServeLimits
     from distill.serve.gateway import build_gateway
     from distill.serve.routing import check_fallback_url
@@ -117,15 +118,15 @@ def run(args: argparse.Namespace) -> int:
         )
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
-    api_key = _key_from_env("--api-key-env", args.api_key_env)
-    student_key = _key_from_env("--student-api-key-env", args.student_api_key_env)
+    api_key = key_from_env("--api-key-env", args.api_key_env)
+    student_key = key_from_env("--student-api-key-env", args.student_api_key_env)
     max_inflight = 128 if args.max_inflight is None else args.max_inflight
     if max_inflight < 1:
         raise ValueError(f"--max-inflight must be >= 1, got {max_inflight}")
     timeout = 60.0 if args.student_timeout is None else args.student_timeout
     if not timeout > 0:
         raise ValueError(f"--student-timeout must be > 0 seconds, got {timeout}")
-    policy = _routing(args, gateway=True, max_inflight=max_inflight)
+    policy = make_routing(args, gateway=True, max_inflight=max_inflight)
     students = StudentPool(
         urls,
         api_key=student_key,
