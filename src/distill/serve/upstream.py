@@ -94,7 +94,8 @@ class Upstream:
         self._tls: ssl.SSLContext | None = None
         if parts.scheme == "https":
             self._tls = tls_context(ca_bundle, where=where) if ca_bundle else tls_context(None)
-        host = self.host if parts.port is None else f"{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 address
+        host = host if parts.port is None else f"{host}:{self.port}"
         block = f"Host: {host}\r\nContent-Type: application/json\r\nAccept-Encoding: identity\r\n"
         if api_key:
             block += f"Authorization: Bearer {api_key}\r\n"
