@@ -3,6 +3,9 @@
     .venv/bin/python benchmarks/gateway.py [--latency 0.1] [--seconds 5] [--concurrency 1 16 64]
         [--baseline-src DIR] [--out bench-results/gateway.json]
 
+Part 0: CPU time per request of the HTTP client the gateway uses (`distill.serve.upstream`) and of
+httpx's pooled `AsyncClient`, against an upstream that answers at once (why the gateway has its own).
+
 Part 1, the gateway (`distill serve URL --router R --fallback URL`, its own process, as deployed):
 a fake student and a fake teacher (one asyncio process, keep-alive HTTP/1.1) each wait
 ``--latency`` seconds and answer every ``/v1/completions`` with one pre-encoded answer of 16 tokens
@@ -16,11 +19,8 @@ p50/p99 both ways and the difference (the gateway's added latency), and the gate
 too (the decision needs it): its added latency is shown over the teacher alone and over
 student + teacher.
 
-Part 2, time to first token of the local `distill serve` on a 4-layer model built here: the
-server run from this checkout, and from ``--baseline-src`` (e.g. ``git archive`` of the commit
-before token streaming, which sent the whole answer as one event once decoding finished); both
-run at once and take turns, one request at a time, ``stream: true``, 64 tokens, greedy: time to
-the first event with text and to the end. Tables: docs/serve.md.
+Part 2, time to first token of the local `distill serve` before and after token streaming:
+`benchmarks/serve_ttft.py` (run from here, or alone). Tables: docs/serve.md.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ import json
 import multiprocessing as mp
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,9 +40,9 @@ from rich.console import Console
 from rich.table import Table
 
 from distill.serve.upstream import Upstream
+from serve_ttft import ROOT, bench_ttft, free_port, start
 
 TOKENS, K = 16, 5
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _answer(confident: bool) -> bytes:
@@ -149,33 +148,6 @@ def _pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
-def _start(cmd: list[str], env: dict, log: Path, port: int, timeout: float = 120.0) -> subprocess.Popen:
-    import httpx
-
-    out = open(log, "wb")  # noqa: SIM115  (closed with the process)
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{cmd[:4]} exited:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code in (200, 503):
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"not ready in {timeout} s:\n{log.read_text()[-3000:]}")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def bench_gateway(args, tmp: Path, console: Console) -> list[dict]:
     from distill.route.router import Router
 
@@ -188,11 +160,11 @@ def bench_gateway(args, tmp: Path, console: Console) -> list[dict]:
         {"mean_logprob": [-0.02, -1.2], "student_quality": [1.0, 0.0], "teacher_quality": [1.0, 1.0]}
     )
     router.save(tmp / "router.json")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *args.gateway_path])}
     cmd = [sys.executable, "-m", "distill", "serve", student, "--router", str(tmp / "router.json")]
     cmd += ["--fallback", teacher, "--port", str(port), "--max-inflight", "1024"]
-    gw = _start(cmd, env, tmp / "gateway.log", port)
+    gw = start(cmd, env, tmp / "gateway.log", port)
     gateway = f"http://127.0.0.1:{port}/v1"
     results = []
     try:
@@ -233,123 +205,58 @@ def bench_gateway(args, tmp: Path, console: Console) -> list[dict]:
     return results
 
 
-def _ttft_model(tmp: Path) -> Path:
-    from distill.models.tiny import save_tiny, tiny_causal_lm, train_tokenizer
+def bench_clients(console: Console, n: int = 3000, concurrency: int = 16) -> list[dict]:
+    """CPU time per request of this process's HTTP client: `distill.serve.upstream.Upstream` (what
+    the gateway uses) against httpx's pooled `AsyncClient`, on a fake upstream that answers at once."""
+    import resource
 
-    texts = [
-        f"Invoice {i:04d} from Acme: total {i * 3.5:.2f} EUR, due 2024-{i % 12 + 1:02d}." for i in range(300)
-    ]
-    tok = train_tokenizer(texts, vocab_size=400)
-    model = tiny_causal_lm(len(tok), n_layer=4, n_embd=256, n_head=4, n_positions=512, seed=0)
-    return save_tiny(model, tok, tmp / "ttft-model")
-
-
-def _stream_once(port: int, body: dict) -> tuple[float, float, float, int]:
-    """Seconds to the first event with a token (its id; its text may still be held back as an
-    incomplete UTF-8 character), to the first with text, to the end; and the number of events."""
     import httpx
 
-    t0 = time.perf_counter()
-    first = first_text = None
-    n = 0
-    url = f"http://127.0.0.1:{port}/v1/completions"
-    with httpx.stream("POST", url, json={**body, "stream": True}, timeout=300) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                n += 1
-                choice = json.loads(line[6:])["choices"][0]
-                if first is None and (choice.get("token_ids") or choice.get("text")):
-                    first = time.perf_counter() - t0
-                if first_text is None and choice.get("text"):
-                    first_text = time.perf_counter() - t0
-    total = time.perf_counter() - t0
-    return first or total, first_text or total, total, n
+    q: mp.Queue = mp.Queue()
+    fake = mp.Process(target=_fake_upstreams, args=(q, 0.0), daemon=True)
+    fake.start()
+    url = f"http://127.0.0.1:{q.get(timeout=30)[0]}/v1"
+    body = json.dumps({"model": "bench", "prompt": "s request", "max_tokens": TOKENS}).encode()
 
+    def cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
 
-def _in_process(model: Path, body: dict, n: int) -> dict:
-    """The model alone (this process, 1 thread, no HTTP): when `HFTeacher.generate` reports its
-    first token through ``on_token``, and its whole answer: what the servers' figures compare to."""
-    import torch
+    async def run() -> list[dict]:
+        up = Upstream(url, max_inflight=concurrency)
+        hx = httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency))
+        calls = {
+            "distill.serve.upstream": lambda: up.request("POST", "/completions", body),
+            "httpx.AsyncClient": lambda: hx.post(url + "/completions", content=body),
+        }
+        out = []
+        for name, call in calls.items():
 
-    from distill.models.base import GenerationSettings, Request
-    from distill.models.hf import HFTeacher
+            async def worker(k: int, call=call) -> None:
+                for _ in range(k):
+                    await call()
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the servers run (OMP_NUM_THREADS=1)
-    try:
-        teacher = HFTeacher(model)
-        settings = GenerationSettings(max_new_tokens=body["max_tokens"], temperature=0)
-        runs = []
-        for i in range(n + 1):
-            seen: list[float] = []
-            t0 = time.perf_counter()
-            teacher.generate(
-                [Request(id="r", prompt=body["prompt"])],
-                settings,
-                on_token=lambda _t, seen=seen: seen.append(time.perf_counter()),
+            await asyncio.gather(*(worker(20) for _ in range(concurrency)))  # warm-up
+            t0, c0 = time.perf_counter(), cpu()
+            await asyncio.gather(*(worker(n // concurrency) for _ in range(concurrency)))
+            done = n // concurrency * concurrency
+            out.append(
+                {
+                    "client": name,
+                    "requests": done,
+                    "cpu_ms_per_request": 1e3 * (cpu() - c0) / done,
+                    "requests_per_second": done / (time.perf_counter() - t0),
+                }
             )
-            if i:
-                runs.append((seen[0] - t0, time.perf_counter() - t0))
-    finally:
-        torch.set_num_threads(threads)
-    return {
-        "server": "HFTeacher in process",
-        "src": str(ROOT / "src"),
-        "ttft_ms_median": 1e3 * statistics.median(r[0] for r in runs),
-        "first_text_ms_median": None,
-        "total_ms_median": 1e3 * statistics.median(r[1] for r in runs),
-        "events_median": None,
-        "requests": len(runs),
-    }
+            console.print(f"client {name}: {out[-1]['cpu_ms_per_request']:.3f} ms CPU per request")
+        await up.aclose()
+        await hx.aclose()
+        return out
 
-
-def bench_ttft(args, tmp: Path, console: Console) -> list[dict]:
-    """Both servers run at once and take turns, one request at a time: the same load for both."""
-    model = _ttft_model(tmp)
-    sources = [("this checkout", ROOT / "src")]
-    if args.baseline_src:
-        sources.insert(0, ("baseline", Path(args.baseline_src)))
-    body = {
-        "model": "m",
-        "prompt": "Invoice 0042 from Acme",
-        "max_tokens": args.ttft_tokens,
-        "temperature": 0,
-    }
-    procs, ports = [], []
     try:
-        for name, src in sources:
-            port = _free_port()
-            env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
-            cmd = [sys.executable, "-m", "distill", "serve", str(model), "--port", str(port)]
-            procs.append(_start(cmd, env, tmp / f"serve-{name.replace(' ', '-')}.log", port))
-            ports.append(port)
-        runs: list[list[tuple[float, float, float, int]]] = [[] for _ in sources]
-        for i in range(args.ttft_requests + 1):  # the first round is a warm-up
-            for j, port in enumerate(ports):
-                got = _stream_once(port, body)
-                if i:
-                    runs[j].append(got)
+        return asyncio.run(run())
     finally:
-        for proc in procs:
-            proc.terminate()
-            proc.wait()
-    out = [_in_process(model, body, args.ttft_requests)]
-    for (name, src), got in zip(sources, runs):
-        out.append(
-            {
-                "server": name,
-                "src": str(src),
-                "ttft_ms_median": 1e3 * statistics.median(g[0] for g in got),
-                "first_text_ms_median": 1e3 * statistics.median(g[1] for g in got),
-                "total_ms_median": 1e3 * statistics.median(g[2] for g in got),
-                "events_median": statistics.median(g[3] for g in got),
-                "requests": len(got),
-            }
-        )
-        console.print(
-            f"TTFT {name}: {out[-1]['ttft_ms_median']:.0f} ms of {out[-1]['total_ms_median']:.0f} ms"
-        )
-    return out
+        fake.terminate()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -375,16 +282,29 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--ttft-requests", type=int, default=10)
     ap.add_argument("--ttft-tokens", type=int, default=64)
-    ap.add_argument("--skip", choices=["gateway", "ttft"], default=None, help="run only the other part")
+    ap.add_argument("--skip", choices=["gateway", "ttft"], default=None, help="skip parts 0 and 1, or part 2")
     ap.add_argument("--out", default="bench-results/gateway.json")
     args = ap.parse_args(argv)
     console = Console()
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
+        clients = bench_clients(console) if args.skip != "gateway" else []
         gateway = bench_gateway(args, tmp, console) if args.skip != "gateway" else []
         ttft = bench_ttft(args, tmp, console) if args.skip != "ttft" else []
     load_after = os.getloadavg()[0]
+    if clients:
+        table = Table(title="HTTP client CPU per request, concurrency 16, upstream answering at once")
+        for col in ("client", "requests", "CPU ms/request", "req/s"):
+            table.add_column(col, justify="right")
+        for r in clients:
+            table.add_row(
+                r["client"],
+                str(r["requests"]),
+                f"{r['cpu_ms_per_request']:.3f}",
+                f"{r['requests_per_second']:.0f}",
+            )
+        console.print(table)
     if gateway:
         table = Table(title=f"gateway vs direct, upstreams wait {args.latency * 1e3:.0f} ms")
         cols = ["route", "conc.", "direct req/s", "gateway req/s", "ratio", "direct p50/p99 ms"]
@@ -429,7 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"latency": args.latency, "seconds": args.seconds, "cpus": os.cpu_count(), "burst": args.burst}
     meta["gateway_path"] = args.gateway_path
     meta |= {"load_1min_before": load_before, "load_1min_after": load_after}
-    out.write_text(json.dumps({**meta, "gateway": gateway, "ttft": ttft}, indent=2) + "\n")
+    out.write_text(
+        json.dumps({**meta, "clients": clients, "gateway": gateway, "ttft": ttft}, indent=2) + "\n"
+    )
     console.print(
         f"1-minute load average: {load_before:.2f} before, {load_after:.2f} after, on {os.cpu_count()} CPUs"
     )

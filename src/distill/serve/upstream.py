@@ -2,9 +2,9 @@
 on requests in flight and per-request timeouts: how the gateway (`distill.serve.gateway`) and the
 fallback forwarding of `distill.serve.routing` reach a student or a teacher.
 
-Why not httpx: on this 2-core machine httpx's `AsyncClient` spent ~0.9 ms of CPU per pooled request
-(anyio, httpcore's pool lock), this client ~0.1 ms (``benchmarks/gateway.py --client-only``); a
-gateway's whole job is to add as little as possible on top of its upstreams (docs/serve.md).
+Why not httpx: on this 2-core machine httpx's pooled `AsyncClient` spends over a millisecond of CPU
+per request, this client a few hundredths (``benchmarks/gateway.py``, part 0; docs/serve.md); a
+gateway's whole job is to add as little as possible on top of its upstreams.
 
 It speaks just what an OpenAI-compatible server answers: a status line, headers, and a body with
 ``Content-Length``, ``Transfer-Encoding: chunked`` (server-sent events) or read until the close.
