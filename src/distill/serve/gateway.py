@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from typing import Any
 
 from starlette.applications import Starlette
@@ -115,7 +116,15 @@ def build_gateway(
         if policy.decide_rows([choice_rows(c, chat) for c in data["choices"]]) == "teacher":
             return await policy.forward(path, body, stream, started, reason="confidence")
         out = trim_for_client(data, chat, k)
-        if stream:
+        if stream:  # the fields an event needs, should the student have left one out
+            out.setdefault("id", f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}")
+            out.setdefault("object", "chat.completion" if chat else "text_completion")
+            out.setdefault("created", int(time.time()))
+            out.setdefault("model", replica.model)
+            out.setdefault("usage", None)
+            for i, c in enumerate(out["choices"]):
+                c.setdefault("index", i)
+                c.setdefault("finish_reason", None)
             events = stream_events(out, chat=chat, include_usage=include_usage)
             reply: Response = StreamingResponse(iter(events), media_type="text/event-stream")
         else:

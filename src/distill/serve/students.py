@@ -54,6 +54,11 @@ class Breaker:
         if self.opened_at is not None:
             self.probing = True
 
+    def abandon(self) -> None:
+        """A call ended with neither success nor failure (cancelled): if it was the probe, the next
+        call may probe instead."""
+        self.probing = False
+
     def success(self) -> None:
         self.in_a_row, self.opened_at, self.probing = 0, None, False
 
@@ -151,14 +156,16 @@ class StudentPool:
     async def ask(self, replica: Replica, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """The student's JSON answer to ``body`` (sent non-streamed); releases the slot.
 
-        Raises `StudentRejected` for `CLIENT_ERRORS` and `StudentFailed` for everything else that
-        is not a 200 with a JSON object holding ``choices`` (counted in the replica's breaker)."""
+        Raises `StudentRejected` for `CLIENT_ERRORS` (the endpoint answered: a success for the
+        breaker) and `StudentFailed` for everything else that is not a 200 with well-formed
+        ``choices`` (a failure for the breaker)."""
         up = replica.upstream
         try:
             if replica.model is None:
                 replica.model = await self._model_name(up)
             reply = await up.request("POST", path, json.dumps({**body, "model": replica.model}).encode())
-            if reply.status in CLIENT_ERRORS:
+            if reply.status in CLIENT_ERRORS:  # the endpoint works; the request was bad
+                replica.breaker.success()
                 raise StudentRejected(
                     reply.status, self._scrub(reply.body.decode("utf-8", "replace")).encode()
                 )
@@ -169,13 +176,18 @@ class StudentPool:
                 data = json.loads(reply.body)
             except ValueError:
                 data = None
-            if not isinstance(data, dict) or not isinstance(data.get("choices"), list) or not data["choices"]:
+            if not _well_formed(data, chat=path == "/chat/completions"):
                 raise StudentFailed(f"malformed answer from {up.url}{path}")
         except UpstreamError as err:
             self._failed(replica, str(err))
             raise StudentFailed(str(err)) from None
         except StudentFailed as err:
             self._failed(replica, str(err))
+            raise
+        except StudentRejected:
+            raise
+        except BaseException:  # cancelled (the client went away): a probe that never ended frees the way
+            replica.breaker.abandon()
             raise
         finally:
             up.release()
@@ -203,6 +215,16 @@ class StudentPool:
     async def aclose(self) -> None:
         for r in self.replicas:
             await r.upstream.aclose()
+
+
+def _well_formed(data: Any, *, chat: bool) -> bool:
+    """A JSON object with a non-empty ``choices`` list of choices holding their text."""
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not isinstance(choices, list) or not choices:
+        return False
+    if chat:
+        return all(isinstance(c, dict) and isinstance(c.get("message"), dict) for c in choices)
+    return all(isinstance(c, dict) and isinstance(c.get("text"), str) for c in choices)
 
 
 def choice_rows(choice: dict[str, Any], chat: bool) -> list[list[float]] | None:

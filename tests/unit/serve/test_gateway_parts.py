@@ -247,3 +247,66 @@ def test_upstream_checks_its_arguments():
     assert up.try_acquire() and not up.try_acquire()
     up.release()
     assert up.try_acquire()
+
+
+def test_a_malformed_or_refusing_student_is_a_failure_or_the_clients_error():
+    from distill.serve.students import StudentFailed, StudentRejected
+
+    answers = iter(
+        [
+            (200, b'{"choices": [1]}'),
+            (200, b"not json"),
+            (503, b'{"error": {"message": "overloaded"}}'),
+            (400, b'{"error": {"message": "prompt too long"}}'),
+            (200, b'{"choices": [{"text": "ok"}]}'),
+        ]
+    )
+
+    async def handler(reader, writer):
+        try:
+            while True:
+                await _read_request(reader)
+                status, body = next(answers)
+                writer.write(b"HTTP/1.1 %d X\r\nContent-Length: %d\r\n\r\n%s" % (status, len(body), body))
+        except (asyncio.IncompleteReadError, StopIteration):
+            writer.close()
+
+    async def run():
+        server, url = await _server(handler)
+        clock = Clock()
+        pool = StudentPool([url], model="m", breaker_failures=3)
+        (replica,) = pool.replicas
+        replica.breaker = Breaker(3, 10.0, clock=clock)
+        got = []
+        for _ in range(5):
+            if pool.acquire() is None:  # open: after the cool-down, this call is the probe
+                clock.now += 10.0
+                got.append("probe")
+                assert pool.acquire() is replica
+            try:
+                got.append(await pool.ask(replica, "/completions", {"prompt": "x"}))
+            except (StudentFailed, StudentRejected) as err:
+                got.append(err)
+            got.append(replica.breaker.state)
+        await pool.aclose()
+        server.close()
+        return got, replica.errors
+
+    got, errors = asyncio.run(run())
+    kinds = [type(x).__name__ if isinstance(x, Exception) else x for x in got]
+    assert kinds[:6] == ["StudentFailed", "closed", "StudentFailed", "closed", "StudentFailed", "open"]
+    assert errors == 3 and "HTTP 503" in str(got[4]) and "overloaded" in str(got[4])
+    # The probe gets a 400: the client's error, and proof the endpoint answers: the breaker closes.
+    assert got[6] == "probe" and isinstance(got[7], StudentRejected) and got[7].status == 400
+    assert got[8] == "closed" and got[9] == {"choices": [{"text": "ok"}]} and got[10] == "closed"
+
+
+def test_a_probe_that_never_ends_frees_the_way_for_the_next():
+    clock = Clock()
+    b = Breaker(1, 5.0, clock=clock)
+    b.failure()
+    clock.now = 5.0
+    b.enter()
+    assert b.state == "open"
+    b.abandon()  # the probing request was cancelled
+    assert b.state == "half_open" and b.available()
