@@ -101,6 +101,7 @@ def run(args: argparse.Namespace, key_from_env, make_routing) -> int:
 
     from distill.serve.format import ServeLimits
     from distill.serve.gateway import build_gateway
+    from distill.serve.http11 import with_header_timeout
     from distill.serve.routing import check_fallback_url
     from distill.serve.students import StudentPool
 
@@ -118,6 +119,7 @@ def run(args: argparse.Namespace, key_from_env, make_routing) -> int:
         )
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    protocol = with_header_timeout(args.header_timeout)  # slow clients are dropped here too
     api_key = key_from_env("--api-key-env", args.api_key_env)
     student_key = key_from_env("--student-api-key-env", args.student_api_key_env)
     max_inflight = 128 if args.max_inflight is None else args.max_inflight
@@ -151,5 +153,5 @@ def run(args: argparse.Namespace, key_from_env, make_routing) -> int:
         file=sys.stderr,
         flush=True,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", http=protocol)
     return 0
