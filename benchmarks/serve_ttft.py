@@ -61,16 +61,17 @@ def _ttft_model(tmp: Path) -> Path:
     return save_tiny(model, tok, tmp / "ttft-model")
 
 
-def _stream_once(port: int, body: dict) -> tuple[float, float, float, int]:
+def _stream_once(client, port: int, body: dict) -> tuple[float, float, float, int]:
     """Seconds to the first event with a token (its id; its text may still be held back as an
-    incomplete UTF-8 character), to the first with text, to the end; and the number of events."""
-    import httpx
+    incomplete UTF-8 character), to the first with text, to the end; and the number of events.
 
+    ``client``: one `httpx.Client` for all requests (a new one per request would time its own
+    set-up, 40-100 ms of loading CA certificates on this machine, as part of the first token)."""
     t0 = time.perf_counter()
     first = first_text = None
     n = 0
     url = f"http://127.0.0.1:{port}/v1/completions"
-    with httpx.stream("POST", url, json={**body, "stream": True}, timeout=300) as r:
+    with client.stream("POST", url, json={**body, "stream": True}, timeout=300) as r:
         for line in r.iter_lines():
             if line.startswith("data: {"):
                 n += 1
@@ -122,6 +123,8 @@ def _in_process(model: Path, body: dict, n: int) -> dict:
 
 def bench_ttft(args, tmp: Path, console: Console) -> list[dict]:
     """Both servers run at once and take turns, one request at a time: the same load for both."""
+    import httpx
+
     model = _ttft_model(tmp)
     sources = [("this checkout", ROOT / "src")]
     if args.baseline_src:
@@ -141,11 +144,12 @@ def bench_ttft(args, tmp: Path, console: Console) -> list[dict]:
             procs.append(start(cmd, env, tmp / f"serve-{name.replace(' ', '-')}.log", port))
             ports.append(port)
         runs: list[list[tuple[float, float, float, int]]] = [[] for _ in sources]
-        for i in range(args.ttft_requests + 1):  # the first round is a warm-up
-            for j, port in enumerate(ports):
-                got = _stream_once(port, body)
-                if i:
-                    runs[j].append(got)
+        with httpx.Client() as client:
+            for i in range(args.ttft_requests + 1):  # the first round is a warm-up
+                for j, port in enumerate(ports):
+                    got = _stream_once(client, port, body)
+                    if i:
+                        runs[j].append(got)
     finally:
         for proc in procs:
             proc.terminate()
