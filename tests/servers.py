@@ -40,6 +40,7 @@ def running_server(
     extra_args: Sequence[str] = (),
     log_file: str | Path | None = None,
     startup_timeout: float = 120.0,
+    processes: list[subprocess.Popen] | None = None,
 ) -> Iterator[str]:
     """Run ``python -m distill serve MODEL_DIR --host 127.0.0.1 --port P`` until the block exits.
 
@@ -47,7 +48,9 @@ def running_server(
     ``env``: extra environment variables (e.g. the API key under ``api_key_env``).
     ``log_file``: where the server's stdout and stderr go (a temporary file when None; its
     tail is put in the error when the server fails to start). The server is terminated
-    (SIGTERM, then SIGKILL after 10 s) on exit.
+    (SIGTERM, then SIGKILL after 10 s) on exit. ``processes``: the server's `subprocess.Popen` is
+    appended to it once it answers (for a test that kills it). ``model_dir`` may be a student URL
+    (then it is a gateway, given ``--router``/``--fallback`` in ``extra_args``).
     """
     full_env = {
         **os.environ,
@@ -74,6 +77,8 @@ def running_server(
             _stop(proc)
         else:
             raise RuntimeError(f"distill serve found no free port in 3 tries:\n{_tail(path)}")
+        if processes is not None:
+            processes.append(proc)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         if proc is not None:

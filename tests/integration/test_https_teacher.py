@@ -226,7 +226,7 @@ def test_generate_cli_over_https(tls_proxy, pki, model, tmp_path, capsys, monkey
 
 
 def test_serve_router_fallback_over_https(tls_proxy, pki, model, tmp_path, monkeypatch):
-    """The serve router's fallback (`RoutingPolicy.forward`, httpx) to a teacher behind TLS: with
+    """The serve router's fallback (`RoutingPolicy.forward`, `distill.serve.upstream`) to a teacher behind TLS: with
     ``fallback_ca_bundle`` (``--fallback-ca-bundle``) it answers; with neither it nor SSL_CERT_FILE
     the client gets a 502 naming the URL, counted; SSL_CERT_FILE alone works; a bad bundle fails at
     construction, before any request."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -194,6 +195,80 @@ def test_openai_client_streaming(server):
     streamed = list(client.completions.create(prompt="Invoice 0042", stream=True, **args))
     assert "".join(c.choices[0].text for c in streamed) == text.choices[0].text
     assert streamed[-1].choices[0].finish_reason == text.choices[0].finish_reason
+
+
+def _sse(server, path: str, body: dict) -> list[dict]:
+    """The data events of a streamed answer, in order ([DONE] checked and dropped)."""
+    base_url, _, seen = server
+    with httpx.stream(
+        "POST", base_url + path, json=body, headers={"Authorization": f"Bearer {CANARY}"}, timeout=60
+    ) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    seen.extend(lines)
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+
+
+def test_streaming_sends_each_token_as_it_is_decoded(server):
+    """Tokens stream as they are decoded (not one event after the whole answer), and the events add up to
+    the non-streamed answer exactly: text, token ids, log-probabilities, also across a stop cut."""
+    body = {"model": "m", "max_tokens": 12, "temperature": 0, "logprobs": 2, "prompt": "Invoice 0042 from"}
+    whole = _post(server, "/completions", body).json()["choices"][0]
+    events = _sse(server, "/completions", {**body, "stream": True})
+    token_events = [e for e in events if e["choices"] and e["choices"][0].get("token_ids")]
+    # One event per decoded token (tokens that queue up while an event is sent leave together).
+    assert 2 < len(token_events) <= len(whole["token_ids"])
+    choices = [e["choices"][0] for e in events if e["choices"]]
+    assert "".join(c["text"] for c in choices) == whole["text"]
+    assert [t for c in choices for t in c.get("token_ids") or []] == whole["token_ids"]
+    assert [t for c in choices for t in c.get("top_token_ids") or []] == whole["top_token_ids"]
+    lps = [c["logprobs"] for c in choices if c["logprobs"]]
+    assert [v for lp in lps for v in lp["token_logprobs"]] == whole["logprobs"]["token_logprobs"]
+    assert [v for lp in lps for v in lp["text_offset"]] == whole["logprobs"]["text_offset"]
+    assert choices[-1]["finish_reason"] == whole["finish_reason"]
+    assert choices[-1]["prompt_token_ids"] == whole["prompt_token_ids"]
+    # A stop string in the middle of the answer: nothing past it is streamed.
+    stop = next(
+        (
+            whole["text"][i : i + 2]
+            for i in range(3, len(whole["text"]) - 2)
+            if _clean(whole["text"][i : i + 2])
+        ),
+        None,
+    )
+    if stop is None:
+        pytest.skip("no printable piece in the tiny model's answer to stop at")
+    cut = _post(server, "/completions", {**body, "stop": stop}).json()["choices"][0]
+    choices = [
+        e["choices"][0]
+        for e in _sse(server, "/completions", {**body, "stop": stop, "stream": True})
+        if e["choices"]
+    ]
+    assert "".join(c["text"] for c in choices) == cut["text"] and stop not in cut["text"]
+    assert [t for c in choices for t in c.get("token_ids") or []] == cut["token_ids"]
+    assert choices[-1]["finish_reason"] == "stop"
+    # Chat: the role first, then the content token by token.
+    chat = {
+        "model": "m",
+        "max_tokens": 8,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "Invoice"}],
+    }
+    whole = _post(server, "/chat/completions", chat).json()["choices"][0]
+    choices = [
+        e["choices"][0] for e in _sse(server, "/chat/completions", {**chat, "stream": True}) if e["choices"]
+    ]
+    assert choices[0]["delta"]["role"] == "assistant"
+    assert "".join(c["delta"].get("content") or "" for c in choices) == whole["message"]["content"]
+    assert [t for c in choices for t in c.get("token_ids") or []] == whole["token_ids"]
+    assert 1 < sum(1 for c in choices if c.get("token_ids")) <= len(whole["token_ids"])
+
+
+def test_streaming_a_request_the_model_refuses_is_a_400(server):
+    body = {"model": "m", "max_tokens": 2048, "prompt": "Invoice " * 200, "stream": True}
+    r = _post(server, "/completions", body)
+    assert r.status_code == 400 and "context length" in r.json()["error"]["message"]
 
 
 def test_models_and_health(server, teacher):

@@ -35,6 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--teacher-api-key-env", default=None, help="NAME of the env variable holding the API key")
     p.add_argument(
+        "--student-api-key-env",
+        default=None,
+        help="NAME of the env variable holding an http(s) student's API key",
+    )
+    p.add_argument(
         "--ca-bundle",
         metavar="PEM",
         default=None,
@@ -89,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         settings=settings,
         input_column=args.input_column,
         api_key_env=args.teacher_api_key_env,
+        student_api_key_env=args.student_api_key_env,
         ca_bundle=args.ca_bundle,
         trust_remote_code=args.trust_remote_code,
     )

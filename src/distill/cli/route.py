@@ -48,6 +48,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     fit.add_argument(
         "--teacher-api-key-env", default=None, help="NAME of the env variable holding the API key"
     )
+    fit.add_argument(
+        "--student-api-key-env",
+        default=None,
+        help="NAME of the env variable holding an http(s) student's API key",
+    )
     fit.add_argument("--ca-bundle", metavar="PEM", default=None, help="CA certificates for https models")
     fit.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     fit.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
@@ -100,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         settings=GenerationSettings(max_new_tokens=args.max_new_tokens, top_logprobs=5),
         input_column=args.input_column,
         api_key_env=args.teacher_api_key_env,
+        student_api_key_env=args.student_api_key_env,
         ca_bundle=args.ca_bundle,
         trust_remote_code=args.trust_remote_code,
     )

@@ -1,4 +1,7 @@
-"""`distill serve MODEL_DIR`: serve a local causal LM behind an OpenAI-compatible API (see docs/serve.md)."""
+"""`distill serve MODEL_DIR`: serve a local causal LM behind an OpenAI-compatible API (see docs/serve.md).
+
+With a student's http(s) URL instead of MODEL_DIR it is a model-free routing gateway
+(`distill.cli.serve_gateway`)."""
 
 from __future__ import annotations
 
@@ -6,12 +9,18 @@ import argparse
 import os
 import sys
 
+from distill.cli import serve_gateway
 from distill.models.loading import TRUST_REMOTE_CODE_HELP
 from distill.serve.http11 import HEADER_TIMEOUT
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_dir", metavar="MODEL_DIR", help="a saved transformers causal LM (safetensors)")
+    parser.add_argument(
+        "model_dir",
+        metavar="MODEL_DIR",
+        help="a saved transformers causal LM (safetensors), or a student's http(s) base URL: then a "
+        "model-free gateway routing between it and --fallback (needs --router)",
+    )
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
@@ -75,9 +84,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="CA certificates (PEM) trusted for an https fallback behind a private CA, instead of the "
         "system store (which honours SSL_CERT_FILE)",
     )
+    parser.add_argument(
+        "--fallback-timeout",
+        type=float,
+        metavar="S",
+        default=None,
+        help="seconds for one fallback call (connect to last byte; streamed: to the headers, then "
+        "between chunks); default 120",
+    )
+    serve_gateway.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    if serve_gateway.is_url(args.model_dir):
+        return serve_gateway.run(args, _key_from_env, _routing)
+    serve_gateway.check_local_flags(args)
     import uvicorn
 
     from distill.serve import ServeLimits, create_app
@@ -125,13 +146,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _routing(args: argparse.Namespace):
-    """A `RoutingPolicy` from --router/--fallback/--fallback-api-key-env, or None without --router."""
+def _routing(args: argparse.Namespace, *, gateway: bool = False, max_inflight: int | None = None):
+    """A `RoutingPolicy` from --router/--fallback/--fallback-*, or None without --router.
+
+    ``gateway``: count the gateway's reasons too; ``max_inflight``: cap on fallback calls."""
     if args.router is None and args.fallback is None:
         for flag, value in (
             ("--fallback-api-key-env", args.fallback_api_key_env),
             ("--fallback-model", args.fallback_model),
             ("--fallback-ca-bundle", args.fallback_ca_bundle),
+            ("--fallback-timeout", args.fallback_timeout),
         ):
             if value is not None:
                 raise ValueError(f"{flag} needs --router and --fallback")
@@ -140,9 +164,13 @@ def _routing(args: argparse.Namespace):
         raise ValueError("--fallback needs --router FILE (which requests go to the fallback)")
     if args.fallback is None:
         raise ValueError("--router needs --fallback URL (where unconfident requests go)")
+    from distill.serve.metrics import LOCAL_REASONS, REASONS
     from distill.serve.routing import RoutingPolicy, check_fallback_url, load_router
 
     url = check_fallback_url(args.fallback)
+    timeout = 120.0 if args.fallback_timeout is None else args.fallback_timeout
+    if not timeout > 0:
+        raise ValueError(f"--fallback-timeout must be > 0 seconds, got {timeout}")
     router = load_router(args.router)
     key = _key_from_env("--fallback-api-key-env", args.fallback_api_key_env)
     return RoutingPolicy(
@@ -151,6 +179,9 @@ def _routing(args: argparse.Namespace):
         fallback_api_key=key,
         fallback_model=args.fallback_model,
         fallback_ca_bundle=args.fallback_ca_bundle,
+        timeout=timeout,
+        max_inflight=max_inflight,
+        reasons=REASONS if gateway else LOCAL_REASONS,
     )
 
 

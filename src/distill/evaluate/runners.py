@@ -338,13 +338,23 @@ def open_pair(
     api_key_env: str | None = None,
     ca_bundle: str | None = None,
     trust_remote_code: bool = False,
+    student_api_key_env: str | None = None,
 ) -> tuple[Runner, Runner]:
     """(student runner, teacher runner), as `distill eval` and `distill route fit` open them.
 
-    ``api_key_env`` is the teacher's; ``ca_bundle`` applies to whichever is an https endpoint and is
-    refused, before anything loads, when neither is an http(s) URL."""
+    ``api_key_env`` is the teacher's, ``student_api_key_env`` the student's (an http(s) student
+    only, e.g. the endpoint a `distill serve` gateway routes from); ``ca_bundle`` applies to
+    whichever is an https endpoint and is refused, before anything loads, when neither is an
+    http(s) URL."""
     if ca_bundle is not None and not any(s.startswith(("http://", "https://")) for s in (student, teacher)):
         raise ValueError(f"--ca-bundle {ca_bundle}: neither {student} nor {teacher} is an http(s) URL")
+    if student_api_key_env is not None and not student.startswith(("http://", "https://")):
+        raise ValueError(
+            f"--student-api-key-env {student_api_key_env}: the student {student} is not an http(s) URL"
+        )
     kw = {"settings": settings, "input_column": input_column, "ca_bundle": ca_bundle}
     kw["trust_remote_code"] = trust_remote_code
-    return open_model(student, "student", **kw), open_model(teacher, "teacher", api_key_env=api_key_env, **kw)
+    return (
+        open_model(student, "student", api_key_env=student_api_key_env, **kw),
+        open_model(teacher, "teacher", api_key_env=api_key_env, **kw),
+    )

@@ -17,13 +17,14 @@ import inspect
 import json
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from distill.models.base import Completion, GenerationSettings, Request
 from distill.models.identity import text_hash, vocab_hash, weights_fingerprint
+from distill.models.streaming import row_reporter
 
 __all__ = ["CAPTURE_TEMPERATURE", "Generation", "HFTeacher", "Score", "vocab_hash", "weights_fingerprint"]
 
@@ -247,7 +248,9 @@ class HFTeacher:
         """Answer ``requests`` in order (see `generate`)."""
         return [g.completion for g in self.generate(requests, settings)]
 
-    def generate(self, requests: Sequence[Request], settings: GenerationSettings) -> list[Generation]:
+    def generate(
+        self, requests: Sequence[Request], settings: GenerationSettings, on_token: Callable | None = None
+    ) -> list[Generation]:
         """Answer ``requests`` in order, with each generated token's log-probability. All prompts are tokenised and length-checked before any decoding.
 
         Requests are decoded ``batch_size`` at a time (similar lengths together, left-padded);
@@ -256,6 +259,10 @@ class HFTeacher:
         differently: load in float32 when runs must match exactly. Generation stops at an end-of-sequence token
         (kept as the last completion token id, with its log-probabilities; not in ``text``) or after
         ``settings.max_new_tokens`` tokens.
+
+        ``on_token``: called from this thread after each decoding step with a
+        `distill.models.streaming.Token` for every request still decoding (its text piece, id and
+        log-probabilities), so a server can stream the answer as it is decoded.
         """
         vocab = self.model.config.vocab_size
         if settings.top_logprobs > vocab:
@@ -270,7 +277,10 @@ class HFTeacher:
         results: list[Generation | None] = [None] * len(requests)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
-            outs = self._decode([encoded[i] for i in chunk], [requests[i].id for i in chunk], settings)
+            report = on_token and row_reporter(on_token, chunk, self._decode_text, self._eos_ids)
+            outs = self._decode(
+                [encoded[i] for i in chunk], [requests[i].id for i in chunk], settings, report
+            )
             for i, (tokens, tok_lps, top_ids, top_lps, stopped) in zip(chunk, outs):
                 c = self._completion(requests[i].id, encoded[i], tokens, top_ids, top_lps, stopped, settings)
                 results[i] = Generation(c, tok_lps)
@@ -306,8 +316,9 @@ class HFTeacher:
 
     # --- decoding ---------------------------------------------------------------------------
 
-    def _decode(self, prompts: list[list[int]], ids: list[str], settings: GenerationSettings):
-        """Decode one batch. Returns per row (tokens, token_logprobs, top_ids, top_logprobs, stopped_at_eos)."""
+    def _decode(self, prompts: list[list[int]], ids: list[str], settings: GenerationSettings, report=None):
+        """Decode one batch. Returns per row (tokens, token_logprobs, top_ids, top_logprobs, stopped_at_eos);
+        ``report(row, token_id, logprob, top_ids, top_logprobs)`` after each row's step, when given."""
         import torch
 
         B, L = len(prompts), max(len(p) for p in prompts)
@@ -366,6 +377,8 @@ class HFTeacher:
                     if k:
                         top_ids[b].append(ti_l[b])
                         top_lps[b].append(tv_l[b])
+                    if report is not None:
+                        report(b, nxt_l[b], chosen_l[b], ti_l[b] if k else None, tv_l[b] if k else None)
                     if nxt_l[b] in self._eos_ids:
                         done[b] = stopped[b] = True
                 if all(done):

@@ -13,5 +13,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "app": ("create_app", "build_app"),
         "format": ("ServeLimits",),
         "routing": ("RoutingPolicy",),
+        "gateway": ("build_gateway",),
+        "students": ("StudentPool",),
     },
 )

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
-import hmac
+import inspect
 import logging
 import time
 import uuid
@@ -47,9 +46,11 @@ from distill.serve.format import (
     parse_stream,
     read_json,
     stream_events,
-    too_large,
+    usage_of,
 )
+from distill.serve.guard import Guard
 from distill.serve.routing import RoutingPolicy
+from distill.serve.stream import TokenSink, stream_answer
 
 log = logging.getLogger("distill.serve")
 
@@ -79,10 +80,15 @@ class _Batcher:
         self.backend = backend
         self.queue: asyncio.Queue = asyncio.Queue()
         self.pending: list = []
+        # A backend that reports tokens as they are decoded (HFTeacher) can stream them.
+        self.streams = "on_token" in inspect.signature(backend.generate).parameters
 
-    async def submit(self, requests: list[TeacherRequest], settings: GenerationSettings) -> list[Generation]:
+    async def submit(
+        self, requests: list[TeacherRequest], settings: GenerationSettings, sink: TokenSink | None = None
+    ) -> list[Generation]:
+        """The generations of ``requests``; with ``sink``, each decoded token is also reported to it."""
         fut = asyncio.get_running_loop().create_future()
-        await self.queue.put((requests, settings, fut))
+        await self.queue.put((requests, settings, fut, sink))
         return await fut
 
     async def run(self) -> None:
@@ -103,25 +109,38 @@ class _Batcher:
                 await self._answer(batch)
             except Exception as err:  # never let the worker die: fail this batch, keep serving
                 log.exception("batch failed")
-                for _, _, fut in batch:
+                for _, _, fut, _ in batch:
                     if not fut.done():
                         fut.set_exception(err)
 
     async def _answer(self, batch: list) -> None:
         settings = batch[0][1]
         try:
-            flat = [r for reqs, _, _ in batch for r in reqs]
-            out = await asyncio.to_thread(self.backend.generate, flat, settings)
+            flat = [r for reqs, *_ in batch for r in reqs]
+            kw = {}
+            if self.streams and any(item[3] is not None for item in batch):
+                owners = [(item[3], j) for item in batch for j in range(len(item[0]))]
+
+                def on_token(tok):  # decoding thread: hand the token to its request's sink
+                    sink, j = owners[tok.index]
+                    if sink is not None:
+                        sink(dataclasses.replace(tok, index=j))
+
+                kw["on_token"] = on_token
+            out = await asyncio.to_thread(self.backend.generate, flat, settings, **kw)
         except Exception as err:
             if len(batch) > 1:  # one bad request must not fail the others: answer each alone
                 for item in batch:
-                    await self._answer([item])
+                    if item[3] is not None and item[3].started and not item[2].done():
+                        item[2].set_exception(err)  # its tokens went out already: no second answer
+                    else:
+                        await self._answer([item])
                 return
             out, error = None, err
         else:
             error = None
         start = 0
-        for reqs, _, fut in batch:
+        for reqs, _, fut, _ in batch:
             if fut.done():  # the client went away
                 start += len(reqs)
                 continue
@@ -174,7 +193,6 @@ def build_app(
     `distill.serve.routing`) and ``GET /metrics`` reports the counts in Prometheus text format.
     """
     limits = limits or ServeLimits()
-    key_digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
     ident = backend.identity()
     model_id = str(ident.get("name", "model"))
     batcher = _Batcher(backend)
@@ -190,22 +208,7 @@ def build_app(
     app.state.backend = backend
     app.state.limits = limits
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if request.url.path != "/health" and key_digest is not None:
-            auth = request.headers.get("authorization", "")
-            scheme, _, given = auth.partition(" ")
-            given_digest = hashlib.sha256(given.strip().encode()).digest()
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given_digest, key_digest):
-                return error_response(
-                    APIError("missing or invalid API key", status=401, code="invalid_api_key")
-                )
-        length = request.headers.get("content-length")
-        if length is not None and not length.isdigit():
-            return error_response(APIError("Content-Length must be a non-negative integer", status=400))
-        if length is not None and int(length) > limits.max_body_bytes:
-            return too_large(limits)
-        return await call_next(request)
+    app.add_middleware(Guard, api_key=api_key, limits=limits)
 
     @app.exception_handler(APIError)
     async def api_error(_request: Request, err: APIError):
@@ -255,6 +258,20 @@ def build_app(
     def run_settings(settings: GenerationSettings) -> GenerationSettings:
         return settings if routing is None else routing.student_settings(settings)
 
+    async def streamed(reqs, settings, n, k, stops, include_usage, *, chat: bool):
+        """Tokens as they are decoded (no router: its decision needs the whole answer)."""
+        return await stream_answer(
+            lambda sink: _run(batcher, reqs, settings, sink),
+            n_choices=len(reqs),
+            n=n,
+            chat=chat,
+            model_id=model_id,
+            k=k,
+            stops=stops,
+            include_usage=include_usage,
+            token_bytes=backend.token_bytes,
+        )
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [model_card()]}
@@ -280,6 +297,8 @@ def build_app(
         stops, stream = parse_stop(body), parse_stream(body)
         if (teacher := await screened("/completions", body, stream[0], started)) is not None:
             return teacher
+        if stream[0] and routing is None and batcher.streams:
+            return await streamed(reqs, settings, n, k, stops, stream[1], chat=False)
         gens = [
             apply_stop(g, stops, backend.token_bytes)
             for g in await _run(batcher, reqs, run_settings(settings))
@@ -306,6 +325,8 @@ def build_app(
         path = "/chat/completions"
         if (teacher := await screened(path, body, stream[0], started)) is not None:
             return teacher
+        if stream[0] and routing is None and batcher.streams:
+            return await streamed(reqs, settings, n, k, stops, stream[1], chat=True)
         gens = [
             apply_stop(g, stops, backend.token_bytes)
             for g in await _run(batcher, reqs, run_settings(settings))
@@ -337,10 +358,10 @@ async def _fit_context(
 
 
 async def _run(
-    batcher: _Batcher, reqs: list[TeacherRequest], settings: GenerationSettings
+    batcher: _Batcher, reqs: list[TeacherRequest], settings: GenerationSettings, sink: TokenSink | None = None
 ) -> list[Generation]:
     try:
-        return await batcher.submit(reqs, settings)
+        return await batcher.submit(reqs, settings, sink)
     except ValueError as err:  # bad input found by the backend (prompt too long, no chat template)
         raise APIError(str(err), status=400) from None
     except Exception:
@@ -356,18 +377,11 @@ def _reply(out: dict, stream: tuple[bool, bool], *, chat: bool):
 
 
 def _response(prefix: str, obj: str, model_id: str, choices: list, gens: list[Generation], n: int) -> dict:
-    # Prompt tokens count once per prompt (not per choice), as OpenAI counts them.
-    prompt_tokens = sum(g.completion.usage.get("prompt_tokens", 0) for g in gens[::n])
-    completion_tokens = sum(g.completion.usage.get("completion_tokens", 0) for g in gens)
     return {
         "id": f"{prefix}-{uuid.uuid4().hex}",
         "object": obj,
         "created": int(time.time()),
         "model": model_id,
         "choices": choices,
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        },
+        "usage": usage_of(gens, n),
     }

@@ -358,3 +358,15 @@ def chat_choice(index: int, g: Generation, token_bytes: Callable[[int], bytes], 
         choice["logprobs"] = {"content": content, "refusal": None}
         choice["top_token_ids"] = top_ids
     return choice
+
+
+def usage_of(gens: list[Generation], n: int) -> dict[str, int]:
+    """OpenAI's ``usage`` of a response: prompt tokens once per prompt (not per choice, as OpenAI
+    counts them; ``n`` choices per prompt), completion tokens of every choice."""
+    prompt_tokens = sum(g.completion.usage.get("prompt_tokens", 0) for g in gens[::n])
+    completion_tokens = sum(g.completion.usage.get("completion_tokens", 0) for g in gens)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import math
 import threading
@@ -27,9 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx
-from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from distill.evaluate.signals import confidence_signals
 from distill.models.base import GenerationSettings
@@ -37,6 +37,8 @@ from distill.models.hf import Generation
 from distill.models.http import APIError, check_base_url
 from distill.route.router import Router
 from distill.serve.format import error_response
+from distill.serve.metrics import LOCAL_REASONS, REASONS, ROUTES, RouteMetrics
+from distill.serve.upstream import Upstream, UpstreamError
 
 log = logging.getLogger("distill.serve")
 
@@ -49,14 +51,17 @@ ROUTE_HEADER = "x-distill-routed-to"
 REASON_HEADER = "x-distill-route-reason"
 """On teacher-routed responses: why (one of `REASONS`)."""
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-"""Upper bounds (seconds) of the latency histogram buckets in ``/metrics``."""
-
-ROUTES = ("student", "teacher")
-
-REASONS = ("confidence", "ood")
-"""Why a request went to the teacher: the student's signal was below the threshold, or the request
-scored above the router's out-of-distribution cut-off."""
+# RouteMetrics, REASONS and ROUTES lived here before serve/metrics.py: still importable from here.
+__all__ = [
+    "REASONS",
+    "REASON_HEADER",
+    "ROUTER_TOP_K",
+    "ROUTES",
+    "ROUTE_HEADER",
+    "RouteMetrics",
+    "RoutingPolicy",
+]
+__all__ += ["busy", "check_fallback_url", "load_router", "request_texts"]
 
 
 def load_router(path: str | Path) -> Router:
@@ -89,126 +94,28 @@ def load_router(path: str | Path) -> Router:
     return router
 
 
-def check_fallback_url(url: str) -> str:
-    """The fallback base URL without a trailing slash; a clear ``--fallback`` error otherwise."""
-    return check_base_url(url, "--fallback", "--fallback-api-key-env")
-
-
-@dataclasses.dataclass
-class _Histogram:
-    counts: list[int] = dataclasses.field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
-    total: float = 0.0
-    n: int = 0
-
-    def observe(self, seconds: float) -> None:
-        for i, bound in enumerate(LATENCY_BUCKETS):
-            if seconds <= bound:
-                self.counts[i] += 1
-        self.total += seconds
-        self.n += 1
-
-
-class RouteMetrics:
-    """Counters behind ``/metrics`` (thread-safe; written in Prometheus text format by `render`).
-
-    Estimated saving of one request, in the router's cost unit divided by 1e6 (dollars when the
-    router's costs are $ per 1M requests, as `distill route fit --prices` writes them): the
-    student pays ``student_cost`` on every request (it always answers first), and a request it
-    keeps avoids ``teacher_cost``. So the saving against "teacher only" is
-    ``(n_student * teacher_cost - n_ran * student_cost) / 1e6`` where ``n_ran`` is every request but
-    those sent to the teacher as out of distribution (the student never ran on them); it can be negative.
-    """
-
-    def __init__(self, teacher_cost: float, student_cost: float) -> None:
-        self.teacher_cost, self.student_cost = float(teacher_cost), float(student_cost)
-        self.requests = dict.fromkeys(ROUTES, 0)
-        self.teacher_reasons = dict.fromkeys(REASONS, 0)
-        self.latency = {r: _Histogram() for r in ROUTES}
-        self.fallback_errors = 0
-        self.ood_seconds, self.ood_scored = 0.0, 0
-        self._lock = threading.Lock()
-
-    def record(self, route: str, seconds: float, *, failed: bool = False, reason: str | None = None) -> None:
-        """One answered request; ``reason`` (one of `REASONS`) for teacher-routed ones."""
-        with self._lock:
-            self.requests[route] += 1
-            self.latency[route].observe(seconds)
-            self.fallback_errors += int(failed)
-            if route == "teacher":
-                self.teacher_reasons[reason or "confidence"] += 1
-
-    def record_ood_scoring(self, seconds: float) -> None:
-        with self._lock:
-            self.ood_seconds += seconds
-            self.ood_scored += 1
-
-    def cost_saved(self) -> float:
-        # Requests sent away as out of distribution never ran the student: no student cost for them.
-        n_student_ran = sum(self.requests.values()) - self.teacher_reasons["ood"]
-        return (self.requests["student"] * self.teacher_cost - n_student_ran * self.student_cost) / 1e6
-
-    def render(self) -> str:
-        with self._lock:
-            lines = [
-                "# HELP distill_requests_total Requests answered, by who answered (failed fallbacks count as teacher).",
-                "# TYPE distill_requests_total counter",
-            ]
-            lines += [f'distill_requests_total{{route="{r}"}} {self.requests[r]}' for r in ROUTES]
-            lines += [
-                "# HELP distill_teacher_requests_total Requests routed to the teacher, by reason: the student "
-                "was not confident, or the input scored out of distribution (the student did not run).",
-                "# TYPE distill_teacher_requests_total counter",
-            ]
-            lines += [
-                f'distill_teacher_requests_total{{reason="{r}"}} {self.teacher_reasons[r]}' for r in REASONS
-            ]
-            lines += [
-                "# HELP distill_ood_score_seconds Time spent scoring requests' out-of-distribution score "
-                "(embedding + nearest neighbours), per request scored.",
-                "# TYPE distill_ood_score_seconds summary",
-                f"distill_ood_score_seconds_sum {self.ood_seconds:.6f}",
-                f"distill_ood_score_seconds_count {self.ood_scored}",
-                "# HELP distill_fallback_errors_total Requests routed to the teacher whose fallback call failed (502).",
-                "# TYPE distill_fallback_errors_total counter",
-                f"distill_fallback_errors_total {self.fallback_errors}",
-                "# HELP distill_request_latency_seconds Time from request to response, by route (the student's "
-                "answer included for teacher-routed requests).",
-                "# TYPE distill_request_latency_seconds histogram",
-            ]
-            for r in ROUTES:
-                h = self.latency[r]
-                lines += [
-                    f'distill_request_latency_seconds_bucket{{route="{r}",le="{b}"}} {c}'
-                    for b, c in zip(LATENCY_BUCKETS, h.counts, strict=True)
-                ]
-                lines += [
-                    f'distill_request_latency_seconds_bucket{{route="{r}",le="+Inf"}} {h.n}',
-                    f'distill_request_latency_seconds_sum{{route="{r}"}} {h.total:.6f}',
-                    f'distill_request_latency_seconds_count{{route="{r}"}} {h.n}',
-                ]
-            lines += [
-                "# HELP distill_estimated_cost_saved Estimated cost saved against sending every request to the "
-                "teacher, in router cost units / 1e6 (dollars when the router's costs are $ per 1M requests); "
-                "requests sent away as out of distribution pay no student cost.",
-                "# TYPE distill_estimated_cost_saved gauge",
-                f"distill_estimated_cost_saved {self.cost_saved():.9g}",
-            ]
-        return "\n".join(lines) + "\n"
+def check_fallback_url(url: str, flag: str = "--fallback", key_flag: str = "--fallback-api-key-env") -> str:
+    """The base URL without a trailing slash; a clear error naming ``flag`` otherwise (also for a
+    URL carrying credentials: keys come from the variable ``key_flag`` names)."""
+    return check_base_url(url, flag, key_flag)
 
 
 class RoutingPolicy:
-    """What `distill.serve.build_app` needs to route: settings for the student, the decision, the
-    forwarding to the fallback, and the metrics.
+    """What `distill.serve.build_app` (and the gateway, `distill.serve.gateway`) need to route:
+    settings for the student, the decision, the forwarding to the fallback, and the metrics.
 
     ``fallback_url``: OpenAI base URL of the teacher (``…/v1``); ``fallback_api_key``: sent as a
     Bearer token, never logged; ``fallback_model``: replaces the request's ``model`` field when
-    forwarding (servers such as vLLM check it); ``timeout``: seconds per fallback call;
-    ``fallback_ca_bundle``: a PEM file of CA certificates trusted (instead of the system store) for an
-    https fallback behind a private CA; without it the system store, which honours ``SSL_CERT_FILE``.
-    Verification is never turned off.
+    forwarding (servers such as vLLM check it); ``timeout``: seconds per fallback call (connect
+    plus the whole answer; for a streamed answer, until its headers and then between chunks);
+    ``max_inflight``: fallback calls at once (above it the client gets 429 with ``Retry-After``;
+    None: no cap); ``fallback_ca_bundle``: a PEM file of CA certificates trusted (instead of the
+    system store) for an https fallback behind a private CA; without it the system store, which
+    honours ``SSL_CERT_FILE``. Verification is never turned off.
     ``ood_scorer``: a fitted `distill.workload.coverage.OODScorer` for a router with an OOD cut-off; by
     default the one the router file records (``router.ood_scorer_path_``) is loaded here and
     warmed up once, so a missing or broken scorer fails at start, not on the first request.
+    ``reasons``: the teacher reasons counted in ``/metrics`` (`LOCAL_REASONS` for a local student).
     """
 
     def __init__(
@@ -219,22 +126,25 @@ class RoutingPolicy:
         fallback_api_key: str | None = None,
         fallback_model: str | None = None,
         timeout: float = 120.0,
+        max_inflight: int | None = None,
         ood_scorer: Any = None,
         fallback_ca_bundle: str | None = None,
+        reasons: tuple[str, ...] = LOCAL_REASONS,
     ) -> None:
-        from distill.models.http import tls_context
-
         self.router = router
         self.fallback_url = check_fallback_url(fallback_url)
-        # Built (and the file checked) now: a bad bundle fails at start, not on the first fallback.
-        self._verify: Any = (
-            tls_context(fallback_ca_bundle, where="--fallback-ca-bundle") if fallback_ca_bundle else True
+        self.fallback = Upstream(
+            self.fallback_url,
+            api_key=fallback_api_key,
+            timeout=timeout,
+            max_inflight=max_inflight or 1 << 30,
+            ca_bundle=fallback_ca_bundle,
+            where="--fallback-ca-bundle",
+            name="teacher",
         )
         self.fallback_model = fallback_model
-        self._headers = {"authorization": f"Bearer {fallback_api_key}"} if fallback_api_key else {}
         self.timeout = timeout
-        self.metrics = RouteMetrics(router.teacher_cost, router.student_cost)
-        self._client: httpx.AsyncClient | None = None
+        self.metrics = RouteMetrics(router.teacher_cost, router.student_cost, reasons=reasons)
         self.ood_scorer = None
         if router.cuts_on_ood:
             self.ood_scorer = ood_scorer if ood_scorer is not None else _load_scorer(router)
@@ -271,17 +181,24 @@ class RoutingPolicy:
             self.metrics.record_ood_scoring(time.perf_counter() - t0)
         return scores
 
-    def decide(self, gens: Sequence[Generation]) -> str:
-        """``"student"`` when every choice is confident, else ``"teacher"`` (an empty answer has no signal).
+    def decide_rows(self, choices: Sequence[Sequence[Sequence[float]] | None]) -> str:
+        """``"student"`` when every choice is confident, else ``"teacher"``.
 
+        ``choices``: per choice, its ``(T, k)`` top log-probabilities (rows most probable first), or
+        None when the answer carries none. Rows are cut to `ROUTER_TOP_K`, the k ``route fit``
+        measures with (the entropy signal depends on k). An empty answer has no signal: teacher.
         The OOD half of the router was applied by `screen` before the student ran."""
-        for g in gens:
-            tops = g.completion.top_logprobs
+        for tops in choices:
             if not tops or any(len(row) == 0 for row in tops):
                 return "teacher"
-            if not self.router.confident(confidence_signals(tops)):
+            rows = [row[:ROUTER_TOP_K] for row in tops]
+            if not self.router.confident(confidence_signals(rows)):
                 return "teacher"
         return "student"
+
+    def decide(self, gens: Sequence[Generation]) -> str:
+        """`decide_rows` on local generations."""
+        return self.decide_rows([g.completion.top_logprobs for g in gens])
 
     def trim(self, gens: Sequence[Generation], k: int) -> list[Generation]:
         """``gens`` with the top-k lists cut back to the client's ``k`` (the router asked for more)."""
@@ -295,69 +212,78 @@ class RoutingPolicy:
             out.append(dataclasses.replace(g, completion=c))
         return out
 
-    def student_reply(self, reply: Any, started: float) -> Response:
-        """The student's answer (a dict or a streaming response) with the route header; counted."""
+    def student_reply(self, reply: Any, started: float, usage: dict | None = None) -> Response:
+        """The student's answer (a dict or a streaming response) with the route header; counted
+        (with ``usage``, or the dict's own ``usage``)."""
+        if isinstance(reply, dict):
+            usage = reply.get("usage")
         response = reply if isinstance(reply, Response) else JSONResponse(reply)
         response.headers[ROUTE_HEADER] = "student"
-        self.metrics.record("student", time.perf_counter() - started)
+        self.metrics.record("student", time.perf_counter() - started, usage=usage)
         return response
 
     async def forward(
         self, path: str, body: dict[str, Any], stream: bool, started: float, *, reason: str = "confidence"
     ) -> Response:
-        """POST the client's body to the fallback's ``path``; its response as-is, or a 502.
+        """POST the client's body to the fallback's ``path``; its response as-is, a 429 when
+        ``max_inflight`` calls are already out, or a 502.
 
         ``reason`` (one of `REASONS`) is counted in ``/metrics`` and sent back in the
-        ``x-distill-route-reason`` header."""
-        if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self.timeout, verify=self._verify)
+        ``x-distill-route-reason`` header. A streamed answer's server-sent events pass through as
+        they arrive (its tokens count when it carries a usage chunk)."""
+        if not self.fallback.try_acquire():
+            self.fallback.rejected += 1
+            return busy(f"the fallback teacher ({self.fallback.max_inflight})")
         if self.fallback_model is not None:
             body = {**body, "model": self.fallback_model}
-        request = self._client.build_request(
-            "POST", self.fallback_url + path, json=body, headers=self._headers
-        )
+        url = self.fallback_url + path
         try:
-            upstream = await self._client.send(request, stream=True)
-        except httpx.HTTPError as err:
-            why = f"{type(err).__name__} reaching {self.fallback_url + path}"
-            return self._failed(started, why, reason)
-        if upstream.status_code != 200:
-            await upstream.aclose()
-            return self._failed(
-                started, f"HTTP {upstream.status_code} from {self.fallback_url + path}", reason
-            )
+            reply, pieces = await self.fallback.stream("POST", path, json.dumps(body).encode())
+        except UpstreamError as err:
+            self.fallback.release()
+            return self._failed(started, str(err), reason)
+        if reply.status != 200:
+            await pieces.aclose()
+            self.fallback.release()
+            return self._failed(started, f"HTTP {reply.status} from {url}", reason)
         headers = {ROUTE_HEADER: "teacher", REASON_HEADER: reason}
-        media_type = upstream.headers.get("content-type", "application/json")
-        self.metrics.record("teacher", time.perf_counter() - started, reason=reason)
-        # Bodies are passed on decoded (aiter_bytes/aread): the teacher's content-encoding is not forwarded.
+        media_type = reply.headers.get("content-type", "application/json")
         if stream:  # pass the teacher's server-sent events through as they come
+            self.metrics.record("teacher", time.perf_counter() - started, reason=reason)
             return StreamingResponse(
-                upstream.aiter_bytes(),
+                self._relay(pieces),
                 media_type=media_type,
                 headers=headers,
-                background=BackgroundTask(upstream.aclose),
+                background=BackgroundTask(self._end_stream, pieces),
             )
         try:
-            content = await upstream.aread()
-        except httpx.HTTPError as err:
-            return self._failed(
-                started,
-                f"{type(err).__name__} reading the answer of {self.fallback_url + path}",
-                reason,
-                counted=True,
-            )
+            content = b"".join([p async for p in pieces])
+        except UpstreamError as err:
+            return self._failed(started, str(err), reason)
         finally:
-            await upstream.aclose()
+            self.fallback.release()
+        self.metrics.record("teacher", time.perf_counter() - started, reason=reason, usage=_usage(content))
         return Response(content=content, media_type=media_type, headers=headers)
 
-    def _failed(self, started: float, why: str, reason: str, *, counted: bool = False) -> Response:
+    async def _relay(self, pieces):
+        """The teacher's event stream, unchanged; its usage chunk (if any) is counted on the way."""
+        tail = b""
+        try:
+            async for piece in pieces:
+                tail = _scan_usage(tail + piece, self.metrics)  # before it is sent: counted when seen
+                yield piece
+        except UpstreamError as err:  # headers are sent: all that is left is to end the stream
+            log.warning("fallback stream failed: %s", err)
+            self.metrics.record_fallback_error()
+
+    async def _end_stream(self, pieces) -> None:
+        await pieces.aclose()  # also when the client went away mid-stream
+        self.fallback.release()
+
+    def _failed(self, started: float, why: str, reason: str) -> Response:
         # ``why`` names the URL and the error type only: never headers, so never the key.
         log.warning("fallback failed: %s", why)
-        if counted:  # already counted as a teacher answer once the headers had arrived
-            with self.metrics._lock:
-                self.metrics.fallback_errors += 1
-        else:
-            self.metrics.record("teacher", time.perf_counter() - started, failed=True, reason=reason)
+        self.metrics.record("teacher", time.perf_counter() - started, failed=True, reason=reason)
         msg = f"the router sent this request to the fallback teacher, which failed: {why}"
         response = error_response(APIError(msg, status=502, code="fallback_failed"))
         response.headers[ROUTE_HEADER] = "teacher"
@@ -365,8 +291,39 @@ class RoutingPolicy:
         return response
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
+        await self.fallback.aclose()
+
+
+RETRY_AFTER_SECONDS = 1
+"""``Retry-After`` of a 429 answered because an upstream has ``max_inflight`` requests out."""
+
+
+def busy(what: str) -> Response:
+    """429 with ``Retry-After``: ``what`` (an upstream, its cap) has its ``max_inflight`` requests out."""
+    msg = f"too many requests in flight to {what}; retry shortly"
+    response = error_response(APIError(msg, status=429, code="rate_limit_exceeded"))
+    response.headers["retry-after"] = str(RETRY_AFTER_SECONDS)
+    return response
+
+
+def _usage(content: bytes) -> dict | None:
+    try:
+        data = json.loads(content)
+    except ValueError:
+        return None
+    return data.get("usage") if isinstance(data, dict) else None
+
+
+def _scan_usage(buffer: bytes, metrics: RouteMetrics) -> bytes:
+    """Count the usage of complete ``data:`` lines in ``buffer`` that carry one; returns the
+    incomplete last line (kept for the next piece)."""
+    *lines, rest = buffer.split(b"\n")
+    for line in lines:
+        if line.startswith(b"data:") and b'"usage"' in line:
+            usage = _usage(line[5:])
+            if usage:
+                metrics.record_tokens("teacher", usage)
+    return rest[-65536:]  # a line longer than this carries no usage worth keeping
 
 
 def request_texts(path: str, body: dict[str, Any]) -> list[str]:

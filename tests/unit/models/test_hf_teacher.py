@@ -219,3 +219,33 @@ def test_token_bytes_reassemble_the_utf8_text(tiny_lm_dir, teacher):
     ids = tok(text)["input_ids"]
     assert b"".join(teacher.token_bytes(i) for i in ids) == text.encode("utf-8")
     assert teacher.token_bytes(tok.eos_token_id) == b"<eos>"
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_on_token_reports_each_token_as_it_is_decoded(teacher, temperature):
+    """`generate(on_token=...)` reports every generated token, in order, with exactly the ids and
+    log-probabilities of the result; the text pieces add up to the answer (a trailing incomplete
+    UTF-8 character is only in the final text)."""
+    from distill.models.streaming import IncrementalText
+
+    settings = GenerationSettings(max_new_tokens=12, temperature=temperature, top_logprobs=3, seed=5)
+    seen = []
+    gens = teacher.generate(_requests(), settings, on_token=seen.append)  # batch_size 4: two batches
+    for i, g in enumerate(gens):
+        mine = [t for t in seen if t.index == i]
+        c = g.completion
+        assert [t.token_id for t in mine] == c.completion_token_ids
+        assert [t.logprob for t in mine] == g.token_logprobs
+        assert [t.top_ids for t in mine] == c.top_ids and [t.top_logprobs for t in mine] == c.top_logprobs
+        text = "".join(t.text for t in mine)
+        assert c.text.startswith(text) and set(c.text[len(text) :]) <= {"\ufffd"}
+    # A SentencePiece-like decode: a leading space is dropped; token 4 + 5 are one UTF-8 character.
+    pieces = {1: "\u2581Hello".encode(), 2: "\u2581w".encode(), 3: b"orld", 4: b"\xe2\x82", 5: b"\xac"}
+
+    def decode(ids):
+        text = b"".join(pieces[i] for i in ids).decode("utf-8", errors="replace")
+        return text.replace("\u2581", " ").removeprefix(" ")
+
+    inc = IncrementalText(decode)
+    out = [inc.push(i) for i in (1, 2, 3, 4, 5)]
+    assert out == ["Hello", " w", "orld", "", "\u20ac"] and "".join(out) == decode([1, 2, 3, 4, 5])
