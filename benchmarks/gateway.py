@@ -1,7 +1,7 @@
 """What the routing gateway adds on top of its upstreams, and time to first token of `distill serve`.
 
     .venv/bin/python benchmarks/gateway.py [--latency 0.1] [--seconds 5] [--concurrency 1 16 64]
-        [--baseline-src DIR] [--out bench-results/gateway.json]
+        [--baseline-src DIR] [--gateway-arg=--access-log] [--out bench-results/gateway.json]
 
 Part 0: CPU time per request of the HTTP client the gateway uses (`distill.serve.upstream`) and of
 httpx's pooled `AsyncClient`, against an upstream that answers at once (why the gateway has its own).
@@ -163,7 +163,7 @@ def bench_gateway(args, tmp: Path, console: Console) -> list[dict]:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *args.gateway_path])}
     cmd = [sys.executable, "-m", "distill", "serve", student, "--router", str(tmp / "router.json")]
-    cmd += ["--fallback", teacher, "--port", str(port), "--max-inflight", "1024"]
+    cmd += ["--fallback", teacher, "--port", str(port), "--max-inflight", "1024", *args.gateway_arg]
     gw = start(cmd, env, tmp / "gateway.log", port)
     gateway = f"http://127.0.0.1:{port}/v1"
     results = []
@@ -279,6 +279,12 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="extra PYTHONPATH entries for the gateway process only, e.g. a `pip install --target` "
         "directory holding uvloop and httptools (uvicorn then uses them)",
+    )
+    ap.add_argument(
+        "--gateway-arg",
+        action="append",
+        default=[],
+        help="an extra flag for the gateway process (repeatable), e.g. --gateway-arg=--access-log",
     )
     ap.add_argument("--ttft-requests", type=int, default=10)
     ap.add_argument("--ttft-tokens", type=int, default=64)

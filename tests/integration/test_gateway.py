@@ -92,6 +92,7 @@ def gateway(setup):
     text = log.read_text()
     assert "Uvicorn running" in text
     assert all(key not in text for key in CANARIES)
+    assert '"POST /v1/' not in text, "no per-request access log without --access-log"
     assert all(key not in body for body in seen for key in CANARIES)
 
 
@@ -447,3 +448,18 @@ def test_gateway_flags_with_a_model_directory_are_refused(tmp_path, capsys):
         assert main(["serve", "http://u:secret-pw@127.0.0.1:9/v1", *extra]) == 2
         err = capsys.readouterr().err
         assert "must not carry credentials" in err and "secret-pw" not in err, err
+
+
+def test_access_log_only_when_asked(setup, tmp_path):
+    """--access-log writes uvicorn's line per request; the default (checked on the shared gateway's
+    log at teardown too) writes none."""
+    args = ["--router", str(setup["router"]), "--fallback", setup["teacher_url"]]
+    args += ["--fallback-api-key-env", "T_KEY", "--student-api-key-env", "S_KEY"]
+    for flag, want in (([], False), (["--access-log"], True)):
+        log = tmp_path / f"gateway{len(flag)}.log"
+        with running_server(setup["student_url"], env=ENV, extra_args=[*args, *flag], log_file=log) as url:
+            body = {"model": "m", "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0}
+            assert httpx.post(url + "/completions", json=body, timeout=60).status_code == 200
+        text = log.read_text()
+        assert ('"POST /v1/completions HTTP/1.1" 200' in text) is want, text[-2000:]
+        assert all(key not in text for key in CANARIES)

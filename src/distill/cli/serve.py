@@ -48,6 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"(default {HEADER_TIMEOUT:g}; slow or stalled clients are dropped)",
     )
     parser.add_argument(
+        "--access-log",
+        action="store_true",
+        help="log one line per request (uvicorn's access log); off by default: it costs CPU on every "
+        "request, and /metrics already counts them",
+    )
+    parser.add_argument(
         "--trust-remote-code",
         action="store_true",
         help=TRUST_REMOTE_CODE_HELP,
@@ -142,7 +148,9 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", http=protocol)
+    uvicorn.run(
+        app, host=args.host, port=args.port, log_level="info", http=protocol, access_log=args.access_log
+    )
     return 0
 
 

@@ -153,5 +153,9 @@ def run(args: argparse.Namespace, key_from_env, make_routing) -> int:
         file=sys.stderr,
         flush=True,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", http=protocol)
+    # No per-request access log unless asked (--access-log): formatting and writing a log record per
+    # request is CPU the gateway spends on every request (docs/serve.md), and /metrics counts them.
+    uvicorn.run(
+        app, host=args.host, port=args.port, log_level="info", http=protocol, access_log=args.access_log
+    )
     return 0
