@@ -2,10 +2,15 @@
 
 Plain-text prompts go to ``/v1/completions``, chats to ``/v1/chat/completions`` (``chat="auto"``).
 With ``settings.top_logprobs = k > 0`` the request asks for log-probabilities (``logprobs=k`` on
-completions, ``logprobs=true, top_logprobs=k`` on chat). Token ids come from the token-id extension
-that `distill serve` and vLLM add to each choice (``prompt_token_ids``, ``token_ids``,
-``top_token_ids``); an endpoint without it yields text-only completions (no top-k), which the
-store keeps as black-box answers.
+completions, ``logprobs=true, top_logprobs=k`` on chat). The server's kind comes from its
+``/v1/models`` card (`distill.models.server`): to vLLM (``owned_by: "vllm"``) every request also
+sends ``return_token_ids: true`` (ids of the prompt and of the completion, its final EOS included)
+and ``return_tokens_as_token_ids: true`` (every top-k entry reads ``"token_id:N"``: vLLM has no
+``top_token_ids``); `distill serve` adds ``prompt_token_ids``, ``token_ids`` and ``top_token_ids``
+by itself; a hosted API's top-k comes as strings and is kept as bytes (``Completion.top_bytes``).
+``extra_body`` is merged into every request. Parsing: `distill.models.responses`; the checks
+before the first prompt (k limit, tokenizer probe, not an OpenAI endpoint) and vLLM scoring
+(``prompt_logprobs``, `APITeacher.score`): `distill.models.server`.
 
 HTTP is `http.client` with one keep-alive connection per (thread, endpoint) (`_Transport`, in
 `distill.models.http`): httpx cost ~1.4 ms of CPU per request under 32 threads (its pooled
@@ -222,16 +227,17 @@ class APITeacher:
         except APIError:
             return None
 
-    def prepare(self, settings: GenerationSettings) -> dict[str, Any]:
+    def prepare(self, settings: GenerationSettings, known: dict[str, Any] | None = None) -> dict[str, Any]:
         """Checks before the first prompt is sent; returns what the server reports (``{"kind",
         "fingerprint", "system_fingerprint", "tokenizer"}``) for the store's manifest. Raises
         ``ValueError`` (one line, naming the URL) for an endpoint that is not OpenAI-compatible, a
         ``--top-k`` above the server's limit (found with a one-token probe on vLLM and `distill serve`;
         20 for hosted APIs), or a ``--teacher-tokenizer`` that tokenises a probe text differently from
-        the server (vLLM's ``/tokenize``; `distill serve`'s vocabulary hash)."""
+        the server (vLLM's ``/tokenize``; `distill serve`'s vocabulary hash). ``known``: the store's
+        record of the server from an earlier run (a k checked then is not probed again)."""
         from distill.models.server import prepare
 
-        return prepare(self, settings)
+        return prepare(self, settings, known)
 
     def _model_card(self) -> dict[str, Any] | None:
         if self._card is None:
@@ -277,8 +283,10 @@ class APITeacher:
                 if self.kind is None:
                     try:
                         self._model_card()
-                    except APIError:
-                        self.kind = "openai"  # no card: ask as a hosted API would be asked
+                    except APIError as err:
+                        if not err.retryable:
+                            self.kind = "openai"  # no card: ask as a hosted API would be asked
+                        return "openai"  # a flaky server: looked up again with the next request
         return self.kind
 
     def request_body(self, settings: GenerationSettings, **fields: Any) -> dict[str, Any]:

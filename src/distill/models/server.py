@@ -7,8 +7,9 @@ Server kind, from the ``/v1/models`` card (no flag): ``owned_by: "vllm"`` is vLL
 (OpenAI and look-alikes: top-k as strings, at most 20 per token, no ids).
 
 Limits of ``--top-k``: hosted APIs return at most `HOSTED_MAX_TOP_LOGPROBS`; vLLM's limit is its
-``--max-logprobs`` (20 by default) and `distill serve`'s its own: a one-token probe request with
-``logprobs=k`` finds out, and the server's refusal (vLLM: ``Requested sample logprobs of 21, which is
+``--max-logprobs`` (20 by default) and `distill serve`'s its own (20 by default): a one-token probe
+request with ``logprobs=k`` (vLLM: always, once per store; `distill serve`: for k above 20) finds
+out, and the server's refusal (vLLM: ``Requested sample logprobs of 21, which is
 greater than max allowed: 20``) is put in the error, before any prompt is sent.
 
 Tokenizer: a ``--teacher-tokenizer DIR`` is checked against the server on `PROBE` (vLLM: its
@@ -112,12 +113,14 @@ def check_top_k(teacher, k: int) -> None:
                 "nothing was sent"
             )
         return
+    if kind == "distill" and k <= HOSTED_MAX_TOP_LOGPROBS:
+        return  # within `distill serve`'s default limit: no probe (its answers already carry ids)
     body = {"model": teacher.model, "prompt": "a", "max_tokens": 1, "temperature": 0.0, "logprobs": k}
     try:
         teacher._send("POST", "/completions", body, retries=1)
     except APIError as err:
         if err.status != 400:
-            raise
+            return  # not a refusal of k (a fault, a timeout): the requests' own retries deal with it
         limit = _limit_from(err.message)
         shown = f" (its limit: {limit})" if limit is not None else ""
         raise ValueError(
@@ -158,13 +161,33 @@ def check_tokenizer(teacher) -> None:
     )
 
 
-def prepare(teacher, settings: GenerationSettings) -> dict[str, Any]:
-    """`APITeacher.prepare`: card, k limit, tokenizer check; the server's report for the manifest."""
+def _transient(err: APIError) -> bool:
+    """A failure a retry may fix (no answer, 5xx, 429), not an answer saying what the server is."""
+    return err.retryable and (err.status is None or err.status >= 500 or err.status == 429)
+
+
+def prepare(teacher, settings: GenerationSettings, known: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`APITeacher.prepare`: card, k limit, tokenizer check; the server's report for the manifest.
+
+    ``known``: what the store recorded the last time (its ``server``): a k already checked against
+    this store's server is not probed again (an identical re-run sends nothing but the card lookup).
+    A card lookup that fails transiently (no answer, 5xx) is not an error here: the requests' own
+    retries deal with a flaky server; a 404 or a 200 that is not a model list is."""
+    known = known or {}
+    k = int(settings.top_logprobs)
     try:
-        card = teacher._model_card() or {}
+        try:
+            card = teacher._model_card() or {}
+        except APIError as err:
+            if err.status in (401, 403):
+                raise
+            if not _transient(err):
+                raise APIError(f"not an OpenAI-compatible endpoint: {err}", retryable=False) from None
+            return {**known, "kind": known.get("kind")}
         kind = teacher._known_kind()
         check_tokenizer(teacher)
-        check_top_k(teacher, int(settings.top_logprobs))
+        if known.get("top_k_checked") != k:
+            check_top_k(teacher, k)
         tok = teacher.tokenizer_info()
     except APIError as err:
         raise ValueError(f"--teacher {teacher.urls[0]}: {err}") from None
@@ -173,6 +196,7 @@ def prepare(teacher, settings: GenerationSettings) -> dict[str, Any]:
         "fingerprint": card.get("weights_fingerprint"),
         "root": card.get("root"),
         "tokenizer": tok,
+        "top_k_checked": k,
     }
 
 
@@ -199,3 +223,36 @@ def score(
             raise APIError(f"{teacher.urls[0]} scored other tokens than it was sent", retryable=False)
         out.append((top_ids, top_lps))
     return out
+
+
+def check_scoring_teacher(url: str, student_tokenizer, k: int):
+    """The `APITeacher` at ``url`` for on-policy scoring, after checking (one line each, before any
+    training step) that it is vLLM (only its ``prompt_logprobs`` scores given tokens), that it
+    tokenises `PROBE` as the student's tokenizer does (token-level distillation needs one vocabulary)
+    and that it returns ``k`` log-probabilities per position."""
+    from distill.models.open import open_model
+
+    teacher = open_model(url, role="teacher")
+    where = f"--teacher {teacher.urls[0]}"
+    try:
+        if teacher._known_kind() != "vllm":
+            raise ValueError(
+                f"{where}: on-policy scoring needs vLLM's prompt_logprobs; this server's /v1/models card "
+                f"says owned_by {(teacher._card or {}).get('owned_by')!r}"
+            )
+        server_ids, strs = _tokenize(teacher, PROBE)
+        mine = local_probe_ids(student_tokenizer)
+        if server_ids != mine:
+            i = next(
+                (j for j, (a, b) in enumerate(zip(server_ids, mine)) if a != b),
+                min(len(mine), len(server_ids)),
+            )
+            raise ValueError(
+                f"{where} tokenises the probe text differently from the student's tokenizer (first difference "
+                f"at probe token {i}: server {strs[i] if strs and i < len(strs) else None!r}); token-level "
+                "distillation needs one tokenizer"
+            )
+        check_top_k(teacher, k)
+    except APIError as err:
+        raise ValueError(f"{where}: {err}") from None
+    return teacher

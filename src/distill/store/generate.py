@@ -224,10 +224,11 @@ def _remove_new_store(path: Path, existed: bool) -> None:
 def _prepare(teachers, settings: GenerationSettings, writer) -> None:
     """The HTTP teachers' checks (`APITeacher.prepare`) before the first prompt; what the server reports
     is recorded in the manifest (``server``, ``endpoints``) and must match what it reported before."""
-    reports = [t.prepare(settings) for t in teachers if hasattr(t, "prepare")]
+    old = writer.manifest.get("server") or {}
+    reports = [t.prepare(settings, old) for t in teachers if hasattr(t, "prepare")]
     if not reports:
         return
-    new, old = reports[0], writer.manifest.get("server") or {}
+    new = reports[0]
     for r in reports[1:]:
         if store.canonical(r) != store.canonical(new):
             raise ValueError(f"teachers given together report different models: {new!r} vs {r!r}")

@@ -297,7 +297,11 @@ class StoreWriter:
         atomic_write_bytes(self.path / MANIFEST, data.encode("utf-8"))
 
     def close(self) -> None:
-        """Flush the manifest and release the lock (after a failed write, only release the lock)."""
+        """Flush the manifest and release the lock (after a failed write, only release the lock).
+        A second call does nothing."""
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
         try:
             if self._broken is None:
                 with self._writing(MANIFEST):

@@ -2,7 +2,10 @@
 
 A step is on-policy with probability ``lmbda``, drawn from a generator seeded by ``(seed, step)``
 (never the global RNG), so every process agrees and a resumed run draws the same. The student's
-samples replace the data's completions; the teacher then scores every sampled token.
+samples replace the data's completions; the teacher then scores every sampled token: a local
+teacher with its full logits (in the loop), an HTTP teacher (vLLM) here, through `remote_scores`,
+which adds the same per-example top-k fields a store's examples carry, so the loss takes the
+stored-top-k path.
 """
 
 from __future__ import annotations
@@ -55,4 +58,22 @@ def student_samples(cfg: TrainConfig, model, examples, tok, *, synced: bool = Fa
     return made
 
 
-__all__ = ["is_on_policy", "student_samples"]
+def remote_scores(teacher, examples: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
+    """``examples`` with ``topk_ids`` (L, k) long and ``topk_logprobs`` (L, k) float32 from an HTTP
+    teacher (`distill.models.api.APITeacher.score`: vLLM's ``prompt_logprobs``): row i is the
+    teacher's distribution for the token at position i given the tokens before it (row 0 zeros), as in
+    a store's examples. Only labelled positions are trained on, so the prompt rows cost nothing."""
+    scored = teacher.score([e["input_ids"].tolist() for e in examples], k)
+    out = []
+    for e, (ids, lps) in zip(examples, scored):
+        out.append(
+            {
+                **e,
+                "topk_ids": torch.tensor(ids, dtype=torch.long),
+                "topk_logprobs": torch.tensor(lps, dtype=torch.float32),
+            }
+        )
+    return out
+
+
+__all__ = ["is_on_policy", "remote_scores", "student_samples"]
