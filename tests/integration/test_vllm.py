@@ -215,7 +215,9 @@ def test_on_policy_training_scored_through_vllm(stores, vllm, teacher_dir, tmp):
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["on_policy"] for x in lines] == [True, True]
-    assert all(np.isfinite(x["kd"]) and x["kd"] >= 0 for x in lines)
+    # The student starts as the teacher itself: vLLM's scores of its samples, aligned position by
+    # position, give a divergence of ~0 (rounding) at step 1; scores off by one position would not.
+    assert abs(lines[0]["kd"]) < 1e-3 and np.isfinite(lines[1]["kd"]), lines
     # A teacher that cannot score given tokens (hosted-shaped) is one line before any step.
     with HostedShapeProxy(vllm) as hosted:
         r = cli("train", "--student", str(teacher_dir), "--data", str(stores["vllm"]), "--out", str(tmp / "t-op2"),
@@ -276,7 +278,10 @@ def test_bad_input_is_one_line_before_any_prompt_and_loses_nothing(stores, vllm,
 
 
 def _token_text(tok, i: int) -> bytes:
-    return tok.decode([i]).encode("utf-8")  # what vLLM decodes one token to (partial UTF-8: "\ufffd")
+    """The bytes vLLM reports for one token without its ids: its text's UTF-8, and nothing for a byte
+    that is only part of a character (seen on 0.32: ``"bytes": []``; OpenAI gives the raw bytes)."""
+    text = tok.decode([i])
+    return b"" if "\ufffd" in text else text.encode("utf-8")
 
 
 def test_hosted_shaped_answers_give_top_k_as_bytes_and_never_merge(vllm, stores, prompts, teacher_dir, tmp):

@@ -76,4 +76,39 @@ def remote_scores(teacher, examples: list[dict[str, Any]], k: int) -> list[dict[
     return out
 
 
-__all__ = ["is_on_policy", "remote_scores", "student_samples"]
+def open_scoring_teacher(url: str, student_tokenizer, k: int):
+    """The `APITeacher` at ``url`` for on-policy scoring, after checking (one line each, before any
+    training step) that it is vLLM (only its ``prompt_logprobs`` scores given tokens), that it
+    tokenises `PROBE` as the student's tokenizer does (token-level distillation needs one vocabulary)
+    and that it returns ``k`` log-probabilities per position."""
+    from distill.models.http import APIError
+    from distill.models.open import open_model
+    from distill.models.server import PROBE, _tokenize, check_top_k, local_probe_ids
+
+    teacher = open_model(url, role="teacher")
+    where = f"--teacher {teacher.urls[0]}"
+    try:
+        if teacher._known_kind() != "vllm":
+            raise ValueError(
+                f"{where}: on-policy scoring needs vLLM's prompt_logprobs; this server's /v1/models card "
+                f"says owned_by {(teacher._card or {}).get('owned_by')!r}"
+            )
+        server_ids, strs = _tokenize(teacher, PROBE)
+        mine = local_probe_ids(student_tokenizer)
+        if server_ids != mine:
+            i = next(
+                (j for j, (a, b) in enumerate(zip(server_ids, mine)) if a != b),
+                min(len(mine), len(server_ids)),
+            )
+            raise ValueError(
+                f"{where} tokenises the probe text differently from the student's tokenizer (first difference "
+                f"at probe token {i}: server {strs[i] if strs and i < len(strs) else None!r}); token-level "
+                "distillation needs one tokenizer"
+            )
+        check_top_k(teacher, k)
+    except APIError as err:
+        raise ValueError(f"{where}: {err}") from None
+    return teacher
+
+
+__all__ = ["is_on_policy", "open_scoring_teacher", "remote_scores", "student_samples"]

@@ -91,9 +91,9 @@ def load_models(cfg: TrainConfig, accelerator) -> Models:
     student, tok = load_model(cfg.student, "student", cfg.trust_remote_code)
     teacher, n_vocab = None, len(tok)
     if cfg.teacher and cfg.mode == "on-policy" and cfg.teacher.startswith(("http://", "https://")):
-        from distill.models.server import check_scoring_teacher
+        from distill.train.onpolicy import open_scoring_teacher
 
-        remote = check_scoring_teacher(cfg.teacher, tok, cfg.teacher_top_k)
+        remote = open_scoring_teacher(cfg.teacher, tok, cfg.teacher_top_k)
         return Models(student=student, tokenizer=tok, teacher=None, n_vocab=n_vocab, remote_teacher=remote)
     if cfg.teacher and cfg.mode != "sft":
         teacher, t_tok = load_model(cfg.teacher, "teacher", cfg.trust_remote_code)
