@@ -187,7 +187,9 @@ def test_train_logits_on_the_vllm_store(stores, teacher_dir, tmp):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "24 of 24 records used" in r.stderr
     lines = [json.loads(x) for x in (tmp / "t-logits" / "metrics.jsonl").read_text().splitlines()]
-    assert len(lines) == 2 and all(np.isfinite(x["kd"]) and x["kd"] > 0 for x in lines)
+    # The student is the teacher itself: the stored vLLM top-k are its own distributions, so the KD term
+    # is ~0 at step 1 (rounding; ids or rows off by one position would make it large), then grows.
+    assert len(lines) == 2 and abs(lines[0]["kd"]) < 1e-3 and 0 < lines[1]["kd"] < 1.0, lines
 
 
 def test_vllm_scores_given_tokens_as_the_local_model_does(vllm, teacher_dir):
@@ -279,9 +281,9 @@ def test_bad_input_is_one_line_before_any_prompt_and_loses_nothing(stores, vllm,
 
 def _token_text(tok, i: int) -> bytes:
     """The bytes vLLM reports for one token without its ids: its text's UTF-8, and nothing for a byte
-    that is only part of a character (seen on 0.32: ``"bytes": []``; OpenAI gives the raw bytes)."""
+    that ends inside a character (seen on 0.32: ``"bytes": []``; OpenAI gives the raw bytes)."""
     text = tok.decode([i])
-    return b"" if "\ufffd" in text else text.encode("utf-8")
+    return b"" if text.endswith("\ufffd") else text.encode("utf-8")
 
 
 def test_hosted_shaped_answers_give_top_k_as_bytes_and_never_merge(vllm, stores, prompts, teacher_dir, tmp):
