@@ -279,13 +279,6 @@ def test_bad_input_is_one_line_before_any_prompt_and_loses_nothing(stores, vllm,
     html.shutdown()
 
 
-def _token_text(tok, i: int) -> bytes:
-    """The bytes vLLM reports for one token without its ids: its text's UTF-8, and nothing for a byte
-    that ends inside a character (seen on 0.32: ``"bytes": []``; OpenAI gives the raw bytes)."""
-    text = tok.decode([i])
-    return b"" if text.endswith("\ufffd") else text.encode("utf-8")
-
-
 def test_hosted_shaped_answers_give_top_k_as_bytes_and_never_merge(vllm, stores, prompts, teacher_dir, tmp):
     from transformers import AutoTokenizer
 
@@ -313,8 +306,17 @@ def test_hosted_shaped_answers_give_top_k_as_bytes_and_never_merge(vllm, stores,
                 g["topk_bytes"], g["topk_logprobs"], w["topk_ids"], w["topk_logprobs"]
             ):
                 np.testing.assert_allclose(row_l, lps, atol=1e-3)  # the same server, the same numbers
-                if len(set(np.round(lps, 3))) == len(lps):  # no exact ties: the same order
-                    assert row_b == [_token_text(tok, i) for i in ids]
+                # Every alternative that is whole text is there with its bytes and value (order may differ
+                # in near-ties). Tokens ending inside a character are left out of this check: vLLM reports
+                # them as b"" or decoded in context (" \xe6" was seen as " 横").
+                for i, lp in zip(ids, lps):
+                    text = tok.decode([i])
+                    if "\ufffd" not in text:
+                        want_b = text.encode("utf-8")
+                        assert any(b == want_b and abs(v - lp) < 1e-3 for b, v in zip(row_b, row_l)), (
+                            i,
+                            row_b,
+                        )
                 collided += len(set(row_b)) < len(row_b)
         else:  # legacy completions: the server's dict merged equal strings; the row is padded
             assert all(len(row) == 20 for row in g["topk_bytes"])
