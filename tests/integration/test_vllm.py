@@ -201,7 +201,7 @@ def test_vllm_scores_given_tokens_as_the_local_model_does(vllm, teacher_dir):
     tok = AutoTokenizer.from_pretrained(teacher_dir)
     model = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
     seq = tok("Invoice 007 from Zoë: total 3.50 €")["input_ids"]
-    ((ids, lps),) = APITeacher(vllm).score([seq], 4)
+    ((ids, lps),) = APITeacher(vllm).score_tokens([seq], 4)
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([seq])).logits[0].double(), -1)
     want = torch.topk(logp[:-1], 4, dim=-1)  # row i + 1 scores token i + 1 given tokens <= i

@@ -10,7 +10,7 @@ and ``return_tokens_as_token_ids: true`` (every top-k entry reads ``"token_id:N"
 by itself; a hosted API's top-k comes as strings and is kept as bytes (``Completion.top_bytes``).
 ``extra_body`` is merged into every request. Parsing: `distill.models.responses`; the checks
 before the first prompt (k limit, tokenizer probe, not an OpenAI endpoint) and vLLM scoring
-(``prompt_logprobs``, `APITeacher.score`): `distill.models.server`.
+(``prompt_logprobs``, `APITeacher.score_tokens`): `distill.models.server`.
 
 HTTP is `http.client` with one keep-alive connection per (thread, endpoint) (`_Transport`, in
 `distill.models.http`): httpx cost ~1.4 ms of CPU per request under 32 threads (its pooled
@@ -300,7 +300,9 @@ class APITeacher:
             "seed": int(settings.seed),
             "n": 1,
         }
-        if self._known_kind() == "vllm":
+        # The kind is known once the card was read (`prepare`, or the constructor without ``model``); an
+        # unknown server is asked as a hosted API would be (no fields it may refuse).
+        if self.kind == "vllm":
             body.update(return_token_ids=True, return_tokens_as_token_ids=True)
         body.update(fields)
         body.update(self.extra_body)
@@ -336,7 +338,7 @@ class APITeacher:
 
     # --- HTTP with the one retry layer -------------------------------------------------------
 
-    def score(
+    def score_tokens(
         self, sequences: Sequence[Sequence[int]], k: int
     ) -> list[tuple[list[list[int]], list[list[float]]]]:
         """The teacher's top-k next-token distribution at every position of each token-id sequence:

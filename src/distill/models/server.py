@@ -203,7 +203,7 @@ def prepare(teacher, settings: GenerationSettings, known: dict[str, Any] | None 
 def score(
     teacher, sequences: Sequence[Sequence[int]], k: int
 ) -> list[tuple[list[list[int]], list[list[float]]]]:
-    """`APITeacher.score`: one ``/v1/completions`` request per sequence with the ids as the prompt,
+    """`APITeacher.score_tokens`: one ``/v1/completions`` request per sequence with the ids as the prompt,
     ``max_tokens: 1`` and ``prompt_logprobs: k`` (vLLM); rows sorted and cut to k, row 0 zeros."""
     from distill.models.responses import parse_prompt_logprobs
 

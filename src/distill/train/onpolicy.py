@@ -60,10 +60,10 @@ def student_samples(cfg: TrainConfig, model, examples, tok, *, synced: bool = Fa
 
 def remote_scores(teacher, examples: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
     """``examples`` with ``topk_ids`` (L, k) long and ``topk_logprobs`` (L, k) float32 from an HTTP
-    teacher (`distill.models.api.APITeacher.score`: vLLM's ``prompt_logprobs``): row i is the
+    teacher (`distill.models.api.APITeacher.score_tokens`: vLLM's ``prompt_logprobs``): row i is the
     teacher's distribution for the token at position i given the tokens before it (row 0 zeros), as in
     a store's examples. Only labelled positions are trained on, so the prompt rows cost nothing."""
-    scored = teacher.score([e["input_ids"].tolist() for e in examples], k)
+    scored = teacher.score_tokens([e["input_ids"].tolist() for e in examples], k)
     out = []
     for e, (ids, lps) in zip(examples, scored):
         out.append(
