@@ -7,7 +7,8 @@
 tests/vllm_helpers.py, prefix caching off so repeated prompts cost the same): requests/s and
 completion tokens/s of `generate` (k = 5 top log-probabilities with ids, a real store) next to a
 plain `openai.AsyncOpenAI` client sending the same requests at the same concurrency (semaphore),
-runs interleaved (openai, distill, openai, distill) and the better of each two kept; the ratio
+the same prompts for both, runs interleaved three times (openai, distill, ...) and the fastest of
+each kept; the ratio
 distill/openai is the row's figure (wanted >= 0.95). See `vllm_rows`.
 
 The server (its own process, one thread per connection) sleeps ``--latency`` seconds and answers
@@ -206,9 +207,9 @@ def vllm_rows(concurrency: list[int], requests: dict[int, int]) -> list[dict]:
         for c in concurrency:
             n = requests.get(c, 8 * c)
             best: dict[str, tuple[float, int]] = {}
-            for rep in range(2):
+            prompts = _vllm_prompts(n, f"c{c}")  # the same requests for both (prefix caching is off)
+            for _rep in range(3):
                 for name in ("openai", "distill"):
-                    prompts = _vllm_prompts(n, f"{name}{rep}c{c}")
                     run = (
                         asyncio.run(_openai_run(url, model, prompts, c))
                         if name == "openai"
