@@ -81,6 +81,8 @@ class Models:
     teacher: Any | None
     n_vocab: int
     """Real vocabulary entries (the student's tokenizer; shared with the teacher's when there is one)."""
+    remote_teacher: Any | None = None
+    """On-policy with ``--teacher URL``: the `APITeacher` (vLLM) that scores every sequence."""
 
 
 def load_models(cfg: TrainConfig, accelerator) -> Models:
@@ -88,6 +90,11 @@ def load_models(cfg: TrainConfig, accelerator) -> Models:
     checking that both speak the same vocabulary."""
     student, tok = load_model(cfg.student, "student", cfg.trust_remote_code)
     teacher, n_vocab = None, len(tok)
+    if cfg.teacher and cfg.mode == "on-policy" and cfg.teacher.startswith(("http://", "https://")):
+        from distill.train.onpolicy import open_scoring_teacher
+
+        remote = open_scoring_teacher(cfg.teacher, tok, cfg.teacher_top_k)
+        return Models(student=student, tokenizer=tok, teacher=None, n_vocab=n_vocab, remote_teacher=remote)
     if cfg.teacher and cfg.mode != "sft":
         teacher, t_tok = load_model(cfg.teacher, "teacher", cfg.trust_remote_code)
         n_vocab = shared_vocab_size(
@@ -110,7 +117,7 @@ def load_data(cfg: TrainConfig, models: Models, say: Say) -> tuple[list[dict[str
     and that on-policy prompts leave room in the student's context for ``max_new_tokens``."""
     student, tok = models.student, models.tokenizer
     token_level = cfg.mode != "sft"
-    from_store = token_level and models.teacher is None
+    from_store = token_level and models.teacher is None and models.remote_teacher is None
     examples, stats = load_examples(
         cfg.data,
         tok,
