@@ -21,6 +21,8 @@ TRACKERS = ("tensorboard", "mlflow", "wandb", "aim", "comet_ml", "clearml", "dvc
 CHOICES = {"mode": MODES, "mixed_precision": MIXED_PRECISION}
 # TOML spellings of fields whose Python name differs (``lambda`` is a Python keyword).
 ALIASES = {"lambda": "lmbda"}
+# Largest distillation temperature: far above any useful one, and T**2 (the KD term's factor) stays finite.
+MAX_TEMPERATURE = 1000.0
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,22 @@ class TrainConfig:
     """On-policy only: tokens the student writes per prompt; >= 1."""
     sample_temperature: float = 1.0
     """On-policy only: sampling temperature of the student's completions; > 0."""
+    fused: bool = True
+    """Compute the loss from hidden states with the LM head applied a chunk of rows at a time, so the full
+    (batch, length, vocabulary) logits never exist (`distill.train.heads`); ``--no-fused``: the model's
+    full logits and the plain loss (same values within float32 rounding)."""
+    chunk_size: int | None = None
+    """Rows (tokens) per chunk of the fused loss, >= 1 and at most a micro-batch's tokens; default
+    ``max(2**22 // V, min(1024, H // 4))`` for a vocabulary of V entries and hidden size H."""
+    teacher_top_k: int = 0
+    """Local teacher only: distil against its top-k per position (taken chunk by chunk, plus a tail bucket
+    for the rest of its mass) instead of its full distribution; 0 = the full distribution."""
+    pack: bool = False
+    """Pack short examples into sequences of up to ``max_length`` tokens, attention kept within each
+    example (position ids restart at each example), so no compute goes to padding; needs an EOS token."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in backward instead of keeping them (less memory, ~30% more
+    time); refused for a model that does not support it."""
     trust_remote_code: bool = False
     """Run Python code shipped with the student's or teacher's checkpoint (its ``auto_map`` modules);
     off unless asked. Weights are read from safetensors only, whatever this says."""
@@ -114,6 +132,10 @@ class TrainConfig:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         _positive_float("temperature", self.temperature)
+        if self.temperature > MAX_TEMPERATURE:  # T**2 scales the loss: 1e308 would overflow to inf
+            raise ValueError(
+                f"temperature (--temperature) must be at most {MAX_TEMPERATURE:g}, got {self.temperature!r}"
+            )
         _positive_float("lr", self.lr)
         _positive_float("lora_alpha", self.lora_alpha)
         _positive_float("sample_temperature", self.sample_temperature)
@@ -132,10 +154,19 @@ class TrainConfig:
             ("lora_r", 0),
             ("max_new_tokens", 1),
             ("log_every", 1),
+            ("teacher_top_k", 0),
         ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+        if self.chunk_size is not None and (
+            isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1
+        ):
+            raise ValueError(f"chunk_size (--chunk-size) must be an integer >= 1, got {self.chunk_size!r}")
+        if self.pack and self.mode == "on-policy":
+            raise ValueError(
+                "pack (--pack) does not apply to mode 'on-policy': the student writes the completions"
+            )
         if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 2):
             raise ValueError(f"max_length must be an integer >= 2 or None, got {self.max_length!r}")
         for name in ("weight_decay", "max_grad_norm"):

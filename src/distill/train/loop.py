@@ -35,6 +35,7 @@ from distill.train import setup
 from distill.train.checkpoint import prepare_output
 from distill.train.config import TrainConfig
 from distill.train.examples import IGNORE, BatchOrder, DataStats, collate
+from distill.train.heads import micro_batch_loss
 from distill.train.objective import Objective
 from distill.train.onpolicy import is_on_policy, student_samples
 
@@ -96,12 +97,7 @@ def accumulate_gradients(
         # Gradients are all-reduced once, after the last micro-batch.
         sync = nullcontext() if m == len(batches) - 1 else accelerator.no_sync(model)
         with sync, accelerator.autocast():
-            s_logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            t_logits = None
-            if teacher is not None:
-                with torch.no_grad():  # the teacher is frozen: no activations kept
-                    t_logits = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            loss_sum, parts = objective.loss_sum(s_logits, b, t_logits, on_policy=on_policy)
+            loss_sum, parts = micro_batch_loss(objective, model, teacher, b, on_policy=on_policy)
             if not torch.isfinite(loss_sum):
                 raise FloatingPointError(f"non-finite loss {float(loss_sum)} (parts {parts})")
             accelerator.backward(loss_sum * scale)
