@@ -50,6 +50,8 @@ class Captured:
     hidden: Tensor | None = None
     weight: Tensor | None = None
     bias: Tensor | None = None
+    output: Tensor | None = None
+    """The model's ``logits`` output: an empty ``(B, L, 0)`` view of the hidden states (see `anchored`)."""
 
 
 @contextmanager
@@ -62,7 +64,7 @@ def captured_head(model) -> Iterator[Captured]:
         # The weight as seen here: inside the forward, FSDP has gathered it (and keeps the root's
         # parameters gathered until backward), and autograd links it to the real parameter.
         cap.hidden, cap.weight, cap.bias = x, head.weight, getattr(head, "bias", None)
-        return x.new_zeros((*x.shape[:-1], 0))
+        return x[..., :0]  # no logits, but still in the graph (`anchored`)
 
     head.forward = forward  # an instance attribute shadows the class's forward for this call only
     try:
@@ -74,10 +76,17 @@ def captured_head(model) -> Iterator[Captured]:
 def hidden_states(model, batch: dict[str, Tensor]) -> Captured:
     """One forward of ``model`` on ``batch`` that stops before the head."""
     with captured_head(model) as cap:
-        model(**model_inputs(batch))
+        cap.output = model(**model_inputs(batch)).logits
     if cap.hidden is None:
         raise ValueError(f"{type(model).__name__}'s forward never called its output head: use --no-fused")
     return cap
+
+
+def anchored(total: Tensor, cap: Captured) -> Tensor:
+    """``total`` plus 0 x the model's (empty) output, added last so that backward reaches that output
+    first: FSDP registers its pre-backward hooks (which put it in its backward state, FSDP1 asserts it)
+    on the root module's outputs, and the loss from hidden states would otherwise never pass through them."""
+    return total + cap.output.sum() * 0.0
 
 
 def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -126,7 +135,7 @@ def fused_loss_sum(objective, model, teacher, batch: dict[str, Tensor], *, on_po
     labels = batch["labels"][:, 1:]
     rows = labels != IGNORE
     if not bool(rows.any()):
-        zero = s.hidden.sum() * 0.0
+        zero = anchored(s.hidden.sum() * 0.0, s)
         return zero, {"ce": zero.detach(), "kd": zero.detach()} if objective.distills else {
             "ce": zero.detach()
         }
@@ -138,7 +147,7 @@ def fused_loss_sum(objective, model, teacher, batch: dict[str, Tensor], *, on_po
     chunk = objective.chunk_size or default_chunk_size(weight.shape[0], weight.shape[1])
     if not objective.distills:
         total, parts = fused_head_loss(h, weight, bias, labels=lab, ce_scale=1.0, chunk_size=chunk)
-        return total, {"ce": parts["ce"]}
+        return anchored(total, s), {"ce": parts["ce"]}
     kd_rows = rows & batch["kd_mask"][:, 1:].bool() if "kd_mask" in batch else rows
     kd_mask = kd_rows[rows]
     if teacher is not None:
@@ -155,7 +164,7 @@ def fused_loss_sum(objective, model, teacher, batch: dict[str, Tensor], *, on_po
         kd_scale=alpha * t2, ce_scale=1.0 - alpha, loss=objective.loss, temperature=objective.temperature,
         loss_kwargs=objective.loss_kwargs, chunk_size=chunk,
     )  # fmt: skip
-    return total, {"ce": parts["ce"], "kd": parts["kd"] * t2}
+    return anchored(total, s), {"ce": parts["ce"], "kd": parts["kd"] * t2}
 
 
 def micro_batch_loss(objective, model, teacher, batch: dict[str, Tensor], *, on_policy: bool):

@@ -29,6 +29,7 @@ from distill.train.distributed import (
     mixed_precision,
 )
 from distill.train.examples import BatchOrder, DataStats, load_examples
+from distill.train.packing import check_packing, pack_examples
 from distill.train.trackers import PROJECT, check_trackers, logging_dir, tracker_env
 from distill.train.vocab import check_store_tokenizer, shared_vocab_size
 
@@ -125,6 +126,14 @@ def load_data(cfg: TrainConfig, models: Models, say: Say) -> tuple[list[dict[str
         if top >= student.config.vocab_size:
             raise ValueError(f"{cfg.data}: teacher token id {top} is outside the student's vocabulary")
     say(f"[bold]data[/]: {stats.summary()}")
+    if cfg.pack:
+        check_packing(cfg, tok, student)
+        n_before = len(examples)
+        examples = pack_examples(examples, max_length(cfg, student))
+        say(
+            f"[bold]packed[/] {n_before} examples into {len(examples)} sequences of up to {max_length(cfg, student)} tokens"
+        )
+    check_chunk_size(cfg, examples)
     context = int(getattr(student.config, "max_position_embeddings", 0) or 0)
     if cfg.mode == "on-policy" and context:
         longest = max(e["prompt_len"] for e in examples)
@@ -134,6 +143,36 @@ def load_data(cfg: TrainConfig, models: Models, say: Say) -> tuple[list[dict[str
                 f"exceeds the student's context ({context}); lower --max-new-tokens or --max-length"
             )
     return examples, stats
+
+
+def check_chunk_size(cfg: TrainConfig, examples: list[dict[str, Any]]) -> None:
+    """Refuse a ``--chunk-size`` larger than a micro-batch can hold (its longest rows, all counted)."""
+    if cfg.chunk_size is None:
+        return
+    most = cfg.batch_size * max(len(e["input_ids"]) - 1 for e in examples)
+    if cfg.chunk_size > most:
+        raise ValueError(
+            f"chunk_size (--chunk-size) {cfg.chunk_size} is larger than a micro-batch's tokens (at most "
+            f"{cfg.batch_size} x {most // cfg.batch_size} = {most} with --batch-size {cfg.batch_size}): "
+            "give at most that, or leave it unset for the default"
+        )
+
+
+def enable_checkpointing(cfg: TrainConfig, student) -> None:
+    """``--gradient-checkpointing``: layer activations recomputed in backward; refused where unsupported."""
+    if not cfg.gradient_checkpointing:
+        return
+    if not getattr(student, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"--gradient-checkpointing: {type(student).__name__} ({cfg.student}) does not support gradient "
+            "checkpointing (transformers' supports_gradient_checkpointing is False); train without it"
+        )
+    # Non-reentrant: gradients also reach frozen-embedding models (LoRA) without enable_input_require_grads.
+    kwargs = {"use_reentrant": False}
+    if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5.2x's name for it
+        student.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 @dataclass
@@ -161,6 +200,7 @@ def prepare(cfg: TrainConfig, accelerator, student) -> Trainable:
     """LoRA (when asked), AdamW over the trainable parameters, and accelerate's wrapping (DDP, FSDP)."""
     from accelerate.utils import DistributedType
 
+    enable_checkpointing(cfg, student)
     torch.manual_seed(cfg.seed)  # LoRA initialisation
     if cfg.lora_r:
         student = apply_lora(cfg, student)
