@@ -154,7 +154,7 @@ class _FusedLinearKD(torch.autograd.Function):
                     grad_w += (g.T @ hc).to(acc)
             if need_b:
                 grad_b += g.sum(0).to(acc)
-        ctx.save_for_backward(*(x for x in (grad_h, grad_w, grad_b) if x is not None))
+        ctx.grads = (grad_h, grad_w, grad_b)  # results, not inputs: no need for save_for_backward's checks
         ctx.which = (need_h, need_w, need_b)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         cfg["sums"] = sums  # the unscaled sums, for the caller's logs
@@ -165,16 +165,11 @@ class _FusedLinearKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
-        saved = iter(ctx.saved_tensors)
         # The loss is usually the final scalar (grad_out = 1): skip a (V, H) copy then.
         scale = None if bool(grad_out == 1) else grad_out
         grads = []
-        for needed, dtype in zip(ctx.which, ctx.dtypes):
-            if needed:
-                g = next(saved)
-                grads.append((g if scale is None else g * scale).to(dtype))
-            else:
-                grads.append(None)
+        for g, needed, dtype in zip(ctx.grads, ctx.which, ctx.dtypes):
+            grads.append(((g if scale is None else g * scale).to(dtype)) if needed else None)
         return (*grads, None, None, None, None)
 
 

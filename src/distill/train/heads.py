@@ -104,7 +104,7 @@ class TeacherHead:
 
     def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, *, n_vocab: int,
                  top_k: int = 0, temperature: float = 1.0) -> None:  # fmt: skip
-        self.hidden, self.weight = hidden, weight[:n_vocab]
+        self.hidden, self.weight = hidden, weight[:n_vocab] if n_vocab < weight.shape[0] else weight
         self.bias = None if bias is None else bias[:n_vocab]
         self.top_k, self.temperature = top_k, temperature
 
@@ -141,8 +141,11 @@ def fused_loss_sum(objective, model, teacher, batch: dict[str, Tensor], *, on_po
         }
     h = s.hidden[:, :-1][rows]
     n_vocab = objective.n_vocab
-    weight = s.weight if n_vocab is None else s.weight[:n_vocab]
-    bias = s.bias if (s.bias is None or n_vocab is None) else s.bias[:n_vocab]
+    # Padding rows of the head past the shared vocabulary are left out; no slice when there are none
+    # (a slice's backward would allocate a second (V, H) gradient).
+    cut = n_vocab is not None and n_vocab < s.weight.shape[0]
+    weight = s.weight[:n_vocab] if cut else s.weight
+    bias = s.bias[:n_vocab] if cut and s.bias is not None else s.bias
     lab = labels[rows]
     chunk = objective.chunk_size or default_chunk_size(weight.shape[0], weight.shape[1])
     if not objective.distills:
