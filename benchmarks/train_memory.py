@@ -13,7 +13,8 @@ first step is about to start, read when the last step is done, before the final 
 start of the loop (models loaded) and the *extra* peak: peak - start - the trainable parameters'
 gradients and two AdamW moments (allocated during the first step; 3 x their float32 bytes), i.e. what
 the loss and activations cost beyond the model's own state. Time: seconds per optimizer step after one
-warm-up step; tokens/s counts the batch's input tokens (8 x 512).
+warm-up step; tokens/s counts the batch's input tokens (8 x 512); CPU s/step is the process's CPU time
+over the warm-up and timed steps, which other jobs on the machine disturb less than wall time.
 
 On a CUDA GPU (``--cuda``): bf16 autocast, a 0.5B-class student (Qwen2-0.5B's shape: 24 layers, hidden
 896, tied head) and a 4-layer teacher of the same width, peak = ``torch.cuda.max_memory_allocated``
@@ -137,6 +138,7 @@ class Meter:
 
     def __init__(self, cuda: bool) -> None:
         self.cuda, self.start_mib, self.peak_mib = cuda, None, None
+        self.cpu_s = 0.0  # process CPU time (user + system) from start to stop: less sensitive to other load
 
     @staticmethod
     def _status(key: str) -> float:
@@ -146,6 +148,7 @@ class Meter:
         raise KeyError(key)
 
     def start(self) -> None:
+        self.cpu_s = time.process_time()
         if self.cuda:
             import torch
 
@@ -159,6 +162,7 @@ class Meter:
     def stop(self) -> None:
         if self.peak_mib is not None:
             return
+        self.cpu_s = time.process_time() - self.cpu_s
         if self.cuda:
             import torch
 
@@ -206,7 +210,8 @@ def _worker_distill(work: Path, a: dict) -> dict:
     res = train(cfg)
     t = [h["elapsed_s"] for h in res.history]
     return {"seconds_per_step": (t[-1] - t[0]) / a["steps"], "start_mib": meter.start_mib,
-            "peak_mib": meter.peak_mib, "state_mib": 3 * state["trainable_mib"]}  # fmt: skip
+            "peak_mib": meter.peak_mib, "state_mib": 3 * state["trainable_mib"],
+            "cpu_s_per_step": meter.cpu_s / (1 + a["steps"])}  # fmt: skip
 
 
 def _worker_trl(work: Path, a: dict) -> dict:
@@ -240,7 +245,8 @@ def _worker_trl(work: Path, a: dict) -> dict:
                          train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[Clock()])  # fmt: skip
     trainer.train()
     return {"seconds_per_step": (stamps[-1] - stamps[0]) / a["steps"], "start_mib": meter.start_mib,
-            "peak_mib": meter.peak_mib, "state_mib": 3 * _trainable_mib(student)}  # fmt: skip
+            "peak_mib": meter.peak_mib, "state_mib": 3 * _trainable_mib(student),
+            "cpu_s_per_step": meter.cpu_s / (1 + a["steps"])}  # fmt: skip
 
 
 def _run(python: Path, work: Path, spec: dict, threads: int) -> dict:
@@ -275,7 +281,9 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=2, help="timed optimizer steps (after one warm-up step)")
     p.add_argument("--examples", type=int, default=16)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads per run (1: steadier on a shared machine)"
+    )
     p.add_argument("--hidden", type=int, default=128, help="student width (CPU; 2 layers)")
     p.add_argument("--teacher-hidden", type=int, default=192, help="teacher width (CPU; 2 layers)")
     p.add_argument(
@@ -340,21 +348,25 @@ def main() -> int:
 
 def _table(results: list[dict], a) -> None:
     unit = "allocated" if a.cuda else "RSS"
-    print(
-        f"\n| V | mode | run | peak {unit} MiB | extra MiB | plain extra / extra | s/step | x plain time | tokens/s |"
-    )
-    print("|---:|---|---|---:|---:|---:|---:|---:|---:|")
-    plain = {(r["vocab"], r["mode"]): r for r in results if r.get("impl") == "plain" and "error" not in r}
+    print(f"\n| V | batch | mode | run | peak {unit} MiB | extra MiB | plain extra / extra | s/step | CPU s/step "
+          "| x plain CPU | tokens/s |")  # fmt: skip
+    print("|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    plain = {
+        (r["vocab"], r["batch_size"], r["mode"]): r
+        for r in results
+        if r.get("impl") == "plain" and "error" not in r
+    }
     for r in results:
         if "error" in r:
-            print(f"| {r['vocab']:,} | {r['mode']} | {r['name']} | - | - | - | - | - | {r['error'][:60]} |")
+            print(f"| {r['vocab']:,} | {r['batch_size']} | {r['mode']} | {r['name']} | - | - | - | - | - | - | "
+                  f"{r['error'][:60]} |")  # fmt: skip
             continue
-        base = plain.get((r["vocab"], r["mode"]))
+        base = plain.get((r["vocab"], r["batch_size"], r["mode"]))
         ratio = f"{base['extra_mib'] / r['extra_mib']:.1f}" if base and r["extra_mib"] > 0 else "-"
-        slow = f"{r['seconds_per_step'] / base['seconds_per_step']:.2f}" if base else "-"
-        print(f"| {r['vocab']:,} | {r['mode']} | {r['impl']}{'' if 'chunk' not in r else ' chunk ' + str(r['chunk'])} | "
-              f"{r['peak_mib']:,.0f} | {r['extra_mib']:,.0f} | {ratio} | {r['seconds_per_step']:.2f} | {slow} | "
-              f"{r['tokens_per_s']:,.0f} |")  # fmt: skip
+        slow = f"{r['cpu_s_per_step'] / base['cpu_s_per_step']:.2f}" if base else "-"
+        print(f"| {r['vocab']:,} | {r['batch_size']} | {r['mode']} | {r['impl']}{'' if 'chunk' not in r else ' chunk ' + str(r['chunk'])} | "
+              f"{r['peak_mib']:,.0f} | {r['extra_mib']:,.0f} | {ratio} | {r['seconds_per_step']:.2f} | "
+              f"{r['cpu_s_per_step']:.2f} | {slow} | {r['tokens_per_s']:,.0f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

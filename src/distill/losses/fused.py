@@ -84,14 +84,42 @@ def _ce_value_grad(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[T
     return nll.sum(), g
 
 
+def _kl_ce_value_grad(
+    logits: Tensor, teacher: Tensor, labels: Tensor, cfg: dict
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Forward KL (or soft CE) at T = 1 on every row and CE on the labelled ones from one softmax:
+    (KD sum, NLL sum, gradient of ``kd_scale * KD + ce_scale * CE``), with q = softmax(z):
+    ``kd_scale (q - p_T) + ce_scale [labelled] (q - onehot)``."""
+    kd_scale, ce_scale = cfg["kd_scale"], cfg["ce_scale"]
+    tl = F.log_softmax(upcast(teacher).detach().to(logits.dtype), dim=-1)
+    p = tl.exp()
+    s = logits - torch.logsumexp(logits, dim=-1, keepdim=True)  # student log-probabilities
+    valid = labels != cfg["ignore_index"]
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    ce_sum = -(s.gather(-1, safe[:, None])[:, 0] * valid).sum()
+    if cfg["kd"]["loss"] == "forward_kl":
+        low = torch.finfo(tl.dtype).min  # 0 * finite where p = 0 (log-probabilities may be -inf)
+        kd_sum = (p * (tl.clamp_(min=low) - s.clamp(min=low))).sum()
+    else:
+        kd_sum = -(p * s).sum()
+    del tl
+    w = kd_scale + ce_scale * valid.to(s.dtype)
+    g = s.exp_().mul_(w[:, None]).sub_(p, alpha=kd_scale)
+    g[torch.arange(len(g), device=g.device), safe] -= ce_scale * valid.to(g.dtype)
+    return kd_sum, ce_sum, g
+
+
 def _chunk_terms(
     logits: Tensor, teacher, rows: Tensor | None, labels: Tensor | None, cfg: dict
 ) -> tuple[Tensor | None, Tensor | None, Tensor]:
     """One chunk's (sum of the divergence over its KD rows, sum of its NLL, gradient of
     ``kd_scale * KD + ce_scale * CE`` w.r.t. the chunk's logits); ``None`` for a term not computed."""
     kd, kd_sum, ce_sum, grad = cfg["kd"], None, None, None
+    dense = isinstance(teacher, Tensor) and kd["loss"] in _ANALYTIC
+    if dense and labels is not None and rows is None and kd["temperature"] == 1.0:
+        return _kl_ce_value_grad(logits, teacher, labels, cfg)  # one softmax for both terms
     if teacher is not None:
-        if isinstance(teacher, Tensor) and kd["loss"] in _ANALYTIC:
+        if dense:
             kd_sum, g = _kl_value_grad(logits, teacher, rows, kd["loss"], kd["temperature"])
         else:
             kd_sum, g = _autograd(lambda z: kd_rows(z, teacher, rows, **kd).sum(), logits)
