@@ -264,6 +264,13 @@ def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tens
         m = len(e["input_ids"])
         input_ids[i, :m], labels[i, :m], mask[i, :m] = e["input_ids"], e["labels"], 1
     batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    if all(
+        "kd_mask" in e for e in examples
+    ):  # rows whose KD is masked out (e.g. unaligned cross-tokenizer rows)
+        kd = torch.zeros((b, n), dtype=torch.bool)
+        for i, e in enumerate(examples):
+            kd[i, : len(e["input_ids"])] = e["kd_mask"].bool()
+        batch["kd_mask"] = kd
     if all("position_ids" in e for e in examples):  # packed rows (`distill.train.packing`)
         pos = torch.zeros((b, n), dtype=torch.long)
         for i, e in enumerate(examples):

@@ -17,7 +17,7 @@ import torch
 
 from distill.train.examples import IGNORE
 
-_ROW_KEYS = ("input_ids", "labels", "topk_ids", "topk_logprobs")
+_ROW_KEYS = ("input_ids", "labels", "topk_ids", "topk_logprobs", "kd_mask")
 
 
 def pack_examples(examples: list[dict[str, Any]], max_length: int) -> list[dict[str, Any]]:

@@ -192,3 +192,23 @@ def test_the_fused_path_never_asks_the_model_for_logits(setting):
     total.backward()
     assert all(shape[-1] == 0 for shape in calls) and calls  # an empty (B, L, 0) tensor, not logits
     assert student.lm_head.weight.grad is not None and student.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_collate_and_pack_carry_kd_masks_and_restart_positions(tiny_tokenizer):
+    from distill.train.packing import pack_examples
+
+    ex = _examples(tiny_tokenizer, n=3)
+    for e in ex:
+        e["kd_mask"] = torch.arange(len(e["input_ids"])) % 2 == 0
+    lengths = [len(e["input_ids"]) for e in ex]
+    packed = pack_examples(ex, max_length=lengths[0] + lengths[1])
+    assert len(packed) == 2 and packed[0]["id"] == "0+1"
+    row = packed[0]
+    assert row["position_ids"].tolist() == list(range(lengths[0])) + list(range(lengths[1]))
+    assert row["labels"][lengths[0]] == -100  # not predicted from the previous example
+    assert torch.equal(row["kd_mask"], torch.cat([ex[0]["kd_mask"], ex[1]["kd_mask"]]))
+    batch = collate(packed, tiny_tokenizer.pad_token_id)
+    assert batch["kd_mask"].shape == batch["labels"].shape and not batch["kd_mask"][1, lengths[2] :].any()
+    assert batch["position_ids"][1, lengths[2] :].tolist() == list(
+        range(batch["labels"].shape[1] - lengths[2])
+    )
