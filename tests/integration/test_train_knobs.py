@@ -119,6 +119,11 @@ def test_bad_knobs_are_refused_before_training(
             ["--chunk-size", "100000", "--batch-size", "2"],
             "chunk_size (--chunk-size) 100000 is larger",
         )
+    elif case == "top-k without teacher":
+        extra, needle = (
+            ["--mode", "logits", "--teacher-top-k", "5"],
+            "teacher_top_k (--teacher-top-k) 5 needs a local teacher",
+        )
     elif case == "pack without eos":
         student = _no_eos_student(tiny_student_dir, tmp_path / "noeos")
         extra, needle = ["--pack"], "--pack needs a tokenizer with an EOS token"

@@ -102,7 +102,7 @@ class TrainConfig:
     full logits and the plain loss (same values within float32 rounding)."""
     chunk_size: int | None = None
     """Rows (tokens) per chunk of the fused loss, >= 1 and at most a micro-batch's tokens; default
-    ``max(2**22 // V, min(1024, H // 4))`` for a vocabulary of V entries and hidden size H."""
+    ``max(1, 2**22 // V)`` for a vocabulary of V entries (32 at V = 131,072; measured sweep in docs/train.md)."""
     teacher_top_k: int = 0
     """Local teacher only: distil against its top-k per position (taken chunk by chunk, plus a tail bucket
     for the rest of its mass) instead of its full distribution; 0 = the full distribution."""
@@ -163,6 +163,10 @@ class TrainConfig:
             isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1
         ):
             raise ValueError(f"chunk_size (--chunk-size) must be an integer >= 1, got {self.chunk_size!r}")
+        if self.teacher_top_k and not self.teacher:
+            raise ValueError(
+                f"teacher_top_k (--teacher-top-k) {self.teacher_top_k} needs a local teacher: give --teacher DIR"
+            )
         if self.pack and self.mode == "on-policy":
             raise ValueError(
                 "pack (--pack) does not apply to mode 'on-policy': the student writes the completions"

@@ -98,6 +98,11 @@ def load_models(cfg: TrainConfig, accelerator) -> Models:
             teacher_vocab_size=teacher.config.vocab_size,
         )
         teacher.requires_grad_(False).eval().to(accelerator.device)
+        if cfg.teacher_top_k > n_vocab:
+            raise ValueError(
+                f"teacher_top_k (--teacher-top-k) {cfg.teacher_top_k} is more than the {n_vocab} vocabulary "
+                "entries the models share"
+            )
     return Models(student=student, tokenizer=tok, teacher=teacher, n_vocab=n_vocab)
 
 
