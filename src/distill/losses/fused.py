@@ -183,6 +183,7 @@ class _FusedLinearKD(torch.autograd.Function):
             if need_b:
                 grad_b += g.sum(0).to(acc)
         ctx.grads = (grad_h, grad_w, grad_b)  # results, not inputs: no need for save_for_backward's checks
+        ctx.handover = bool(cfg.get("handover"))
         ctx.which = (need_h, need_w, need_b)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         cfg["sums"] = sums  # the unscaled sums, for the caller's logs
@@ -193,10 +194,22 @@ class _FusedLinearKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
+        held = ctx.grads
+        if held is None:
+            raise RuntimeError(
+                "this fused loss was built for one backward pass (handover=True): its gradients are spent"
+            )
         # The loss is usually the final scalar (grad_out = 1): skip a (V, H) copy then.
         scale = None if bool(grad_out == 1) else grad_out
+        if ctx.handover:
+            # One backward (a training loop): give the gradients away, scaled in place, so autograd can
+            # keep them as the parameters' .grad instead of copying a (V, H) tensor.
+            ctx.grads = None
+            grads = [None if g is None else (g if scale is None else g.mul_(scale.to(g.dtype))) for g in held]
+            del held
+            return (*(g if g is None else g.to(d) for g, d in zip(grads, ctx.dtypes)), None, None, None, None)
         grads = []
-        for g, needed, dtype in zip(ctx.grads, ctx.which, ctx.dtypes):
+        for g, needed, dtype in zip(held, ctx.which, ctx.dtypes):
             grads.append(((g if scale is None else g * scale).to(dtype)) if needed else None)
         return (*grads, None, None, None, None)
 
@@ -343,7 +356,8 @@ def fused_head_loss(
 
     Returns:
         ``(total, {"kd": sum of D over KD rows, "ce": sum of NLL})``: the unscaled sums are detached,
-        for logging; ``total``'s gradients equal those of the dense computation.
+        for logging; ``total``'s gradients equal those of the dense computation. One backward pass
+        only: the gradients are handed to autograd (no (V, H) copy), a second backward raises.
     """
     t = check_temperature(temperature)
     kd_kwargs = check_loss(loss, dict(loss_kwargs or {}))
@@ -362,6 +376,7 @@ def fused_head_loss(
         "ce_scale": float(ce_scale),
         "ignore_index": -100,
         "kd": {"loss": loss, "temperature": t, "tail": tail, "loss_kwargs": kd_kwargs},
+        "handover": True,
     }
     total = _FusedLinearKD.apply(hidden, weight, bias, teacher if has_kd else None, kd_mask, labels, cfg)
     sums = cfg["sums"]
