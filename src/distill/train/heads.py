@@ -135,9 +135,8 @@ def fused_loss_sum(objective, model, teacher, batch: dict[str, Tensor], *, on_po
     rows = labels != IGNORE
     if not bool(rows.any()):
         zero = anchored(s.hidden.sum() * 0.0, s)
-        return zero, {"ce": zero.detach(), "kd": zero.detach()} if objective.distills else {
-            "ce": zero.detach()
-        }
+        parts = {"ce": zero.detach(), "kd": zero.detach()}
+        return zero, parts if objective.distills else {"ce": parts["ce"]}
     h = s.hidden[:, :-1][rows]
     n_vocab = objective.n_vocab
     # Padding rows of the head past the shared vocabulary are left out; no slice when there are none
