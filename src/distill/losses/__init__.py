@@ -320,12 +320,13 @@ def kd_loss(
 
 
 # Defined in its own module (it is mostly autograd plumbing); exported here with the other losses.
-from distill.losses.fused import fused_linear_kd_loss  # noqa: E402
+from distill.losses.fused import fused_head_loss, fused_linear_kd_loss  # noqa: E402
 
 __all__ = [
     "LOSSES",
     "SparseTargets",
     "forward_kl",
+    "fused_head_loss",
     "fused_linear_kd_loss",
     "generalized_jsd",
     "hinton_loss",

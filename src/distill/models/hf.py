@@ -131,6 +131,9 @@ class HFTeacher:
         pad = self.tokenizer.pad_token_id
         self._pad_id = pad if pad is not None else min(self._eos_ids, default=0)
         self._max_positions = getattr(self.model.config, "max_position_embeddings", None)
+        # Heads are often padded past the tokenizer (131,072 rows for a 512-token tokenizer, or Qwen's
+        # 151,936 vs 152,064): those slots hold no token, so they are never generated nor put in a top-k.
+        self._n_real = min(len(self.tokenizer), int(self.model.config.vocab_size))
         self._special_ids = set(self.tokenizer.all_special_ids)
         self._byte_level = "ByteLevel" in self._decoder_spec()
         self._bytes_cache: dict[int, bytes] = {}
@@ -170,9 +173,9 @@ class HFTeacher:
 
     @property
     def max_top_logprobs(self) -> int:
-        """Most top log-probabilities per token this teacher can return: its vocabulary size
+        """Most top log-probabilities per token this teacher can return: its real vocabulary (tokenizer entries)
         (`distill.store.generate.generate` checks ``top_logprobs`` against it before any request)."""
-        return int(self.model.config.vocab_size)
+        return self._n_real
 
     def identity(self) -> dict[str, Any]:
         """Who answers, as plain JSON data: ``{"kind": "hf", "name", "model_type", "dtype", "tokenizer": {"name",
@@ -264,7 +267,7 @@ class HFTeacher:
         `distill.models.streaming.Token` for every request still decoding (its text piece, id and
         log-probabilities), so a server can stream the answer as it is decoded.
         """
-        vocab = self.model.config.vocab_size
+        vocab = self._n_real
         if settings.top_logprobs > vocab:
             raise ValueError(
                 f"top_logprobs must be <= the vocabulary size {vocab}, got {settings.top_logprobs}"
@@ -300,14 +303,14 @@ class HFTeacher:
             return Score([], [], [])
         n_prompt = len(prompt_ids)
         ids = torch.tensor([list(prompt_ids) + list(completion_ids)], dtype=torch.long, device=self.device)
-        vocab = self.model.config.vocab_size
+        vocab = self._n_real
         if not 0 <= int(k) <= vocab:
             raise ValueError(f"score: k must be in [0, {vocab}], got {k!r}")
         if int(ids.min()) < 0 or int(ids.max()) >= vocab:
             raise ValueError(f"score: token ids must be in [0, {vocab}), got one outside")
         self.check_length("score", n_prompt, len(completion_ids))
         with self._lock, torch.inference_mode():
-            logits = self.model(input_ids=ids, use_cache=False).logits[0, n_prompt - 1 : -1].float()
+            logits = self.model(input_ids=ids, use_cache=False).logits[0, n_prompt - 1 : -1, :vocab].float()
             logp = torch.log_softmax(logits, dim=-1)  # (n, V): position j predicts completion token j
             target = ids[0, n_prompt:]
             token_lp = logp.gather(1, target[:, None])[:, 0]
@@ -358,7 +361,7 @@ class HFTeacher:
                 cache = getattr(out, self._cache_kw, None)
                 if cache is None:
                     cache = out.past_key_values
-                logits = out.logits[:, -1, :].float()  # (B, V) raw next-token logits
+                logits = out.logits[:, -1, : self._n_real].float()  # (B, V) raw logits, real tokens only
                 logp = torch.log_softmax(logits, dim=-1)  # capture temperature 1, full vocabulary
                 if sampling:
                     nxt = self._sample(logits, settings, gens)

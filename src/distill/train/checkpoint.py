@@ -7,17 +7,21 @@ Layout of ``<out>/checkpoints/step-00000040/``::
     optimizer.json           param groups and non-tensor optimizer state
     rng.safetensors          torch RNG state of every process ("cpu.<rank>", "cuda.<rank>")
     trainer_state.json       step, tokens seen, data position, the config that wrote it
-    COMPLETE.json            written last: every file's size; a directory without it is torn
+    COMPLETE.json            written last: every file's size and sha256; a directory without it is torn
 
 A checkpoint is written into ``.tmp-step-…`` beside its final name, every file fsynced, then renamed
 in one `os.rename` and the parent directory fsynced, so a crash leaves either no checkpoint or a
-complete one. `latest` still verifies each candidate (marker, sizes, readable headers), because a
-directory can be damaged after the fact; damaged ones are skipped and reported, never chosen.
+complete one. `latest` still verifies each candidate (marker, sizes, sha256 of every file, readable
+headers, every trainer-state field), because a directory can be damaged after the fact (flipped bytes
+keep the size): damaged ones are skipped and reported, never chosen. ``trainer_state.json`` also
+records the sha256 of the four files written before it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -67,6 +71,55 @@ def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def sha256(path: Path) -> str:
+    """Hex sha256 of the file at ``path``, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _is_int(v: Any, low: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def check_trainer_state(state: Any, step: int | None = None) -> str | None:
+    """``None`` when every field of a ``trainer_state.json`` is valid (and its step is ``step`` when
+    given), else what is wrong, naming the field and its value (one line)."""
+    from distill.train.config import TrainConfig
+
+    if not isinstance(state, dict):
+        return f"trainer_state.json is not a JSON object (got {type(state).__name__})"
+    want = {"step": 1, "tokens": 0, "world_size": 1, "n_examples": 1}
+    for name, low in want.items():
+        if not _is_int(state.get(name), low):
+            return f"trainer_state.json: {name} must be an integer >= {low}, got {state.get(name)!r}"
+    if step is not None and state["step"] != step:
+        return f"trainer_state.json: step {state['step']!r} does not match the checkpoint's step {step}"
+    ct = state.get("capture_temperature")
+    if isinstance(ct, bool) or not isinstance(ct, int | float) or not math.isfinite(ct) or ct <= 0:
+        return f"trainer_state.json: capture_temperature must be a finite number > 0, got {ct!r}"
+    pos = state.get("data_position")
+    if not isinstance(pos, dict) or not all(
+        _is_int(pos.get(k), 0) for k in ("epoch", "offset", "examples_seen")
+    ):
+        return f"trainer_state.json: data_position must hold integers epoch, offset, examples_seen >= 0, got {pos!r}"
+    cfg = state.get("config")
+    if not isinstance(cfg, dict):
+        return f"trainer_state.json: config must be an object, got {cfg!r}"
+    try:
+        TrainConfig(**cfg)
+    except (TypeError, ValueError) as err:
+        return f"trainer_state.json: config is not a valid training configuration: {err}"
+    sums = state.get("sha256", {})
+    if not isinstance(sums, dict) or not all(
+        isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v) for v in sums.values()
+    ):
+        return f"trainer_state.json: sha256 must map file names to hex digests, got {sums!r}"
+    return None
+
+
 def step_dirs(root: str | Path) -> list[tuple[int, Path]]:
     """``(step, path)`` of every ``step-NNNNNNNN`` directory under ``root``, newest first."""
     root = Path(root)
@@ -83,22 +136,36 @@ def verify(path: str | Path) -> str | None:
     if not marker.is_file():
         return f"no {MARKER} (written last): torn by a crash mid-write"
     try:
-        files = json.loads(marker.read_text(encoding="utf-8"))["files"]
-    except (ValueError, KeyError, OSError) as err:
+        marker_data = json.loads(marker.read_text(encoding="utf-8"))
+        files = marker_data["files"]
+        if not isinstance(files, dict) or not isinstance(marker_data.get("sha256") or {}, dict):
+            raise ValueError("files and sha256 must be objects")
+    except (ValueError, KeyError, OSError, TypeError) as err:
         return f"unreadable {MARKER}: {err}"
+    sums = marker_data.get("sha256") or {}
     for name, size in files.items():
         f = path / name
         if not f.is_file():
             return f"missing {name}"
         if f.stat().st_size != size:
             return f"{name} has {f.stat().st_size} bytes, expected {size}"
+        if name in sums and (got := sha256(f)) != sums[name]:
+            return (
+                f"{name} is corrupt: sha256 {got[:12]}... differs from the {sums[name][:12]}... recorded when "
+                "it was written (same size: its bytes changed)"
+            )
         if name.endswith(".safetensors"):
             try:
                 with safe_open(f, framework="pt") as st:
                     st.keys()
             except Exception as err:  # noqa: BLE001 - any unreadable header means damaged
                 return f"{name} unreadable: {err}"
-    return None
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return f"trainer_state.json unreadable: {err}"
+    m = _STEP_DIR.match(path.name)
+    return check_trainer_state(state, int(m.group(1)) if m else None)
 
 
 def latest(root: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
@@ -176,17 +243,15 @@ def _save(root: Path, step: int, tmp: Path, params, optimizer, rng, trainer_stat
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     _write_json(tmp / "optimizer.json", opt_meta)
     save_file({k: v.cpu().contiguous() for k, v in rng.items()}, tmp / "rng.safetensors")
-    _write_json(tmp / "trainer_state.json", trainer_state)
-    names = [
-        "model.safetensors",
-        "optimizer.safetensors",
-        "optimizer.json",
-        "rng.safetensors",
-        "trainer_state.json",
-    ]
+    names = ["model.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors"]
+    sums = {n: sha256(tmp / n) for n in names}
+    _write_json(tmp / "trainer_state.json", {**trainer_state, "sha256": dict(sums)})
+    names.append("trainer_state.json")
+    sums["trainer_state.json"] = sha256(tmp / "trainer_state.json")
     for name in names:
         fsync_file(tmp / name)
-    _write_json(tmp / MARKER, {"step": step, "files": {n: (tmp / n).stat().st_size for n in names}})
+    sizes = {n: (tmp / n).stat().st_size for n in names}
+    _write_json(tmp / MARKER, {"step": step, "files": sizes, "sha256": sums})
     fsync_file(tmp / MARKER)
     fsync_dir(tmp)
     if final.exists():  # the same step saved again (e.g. SIGTERM right after a periodic save)
@@ -228,7 +293,7 @@ def read(path: str | Path, *, shapes: dict[str, tuple[int, ...]]) -> dict[str, A
     meta = read_document(path / "optimizer.json", "optimizer state")
     if not isinstance(meta.get("param_groups"), list) or not isinstance(meta.get("scalars", {}), dict):
         raise ValueError(f"{path / 'optimizer.json'}: not an optimizer state (no param_groups list)")
-    state = read_document(path / "trainer_state.json", "trainer state")
+    state = read_document(path / "trainer_state.json", "trainer state")  # valid: `verify` checked it
     return {
         "params": saved,
         "optimizer": _optimizer_from_files(load_file(path / "optimizer.safetensors"), meta),

@@ -21,6 +21,8 @@ TRACKERS = ("tensorboard", "mlflow", "wandb", "aim", "comet_ml", "clearml", "dvc
 CHOICES = {"mode": MODES, "mixed_precision": MIXED_PRECISION}
 # TOML spellings of fields whose Python name differs (``lambda`` is a Python keyword).
 ALIASES = {"lambda": "lmbda"}
+# Largest distillation temperature: far above any useful one, and T**2 (the KD term's factor) stays finite.
+MAX_TEMPERATURE = 1000.0
 
 
 @dataclass(frozen=True)
@@ -49,10 +51,7 @@ class TrainConfig:
     """Directory of a local teacher causal LM; its full logits are computed on the fly. Needed by
     ``on-policy`` and by ``logits`` when the store has no top-k log-probabilities. ``on-policy`` also
     takes a vLLM base URL ``http(s)://HOST/v1``: it scores every sequence through vLLM's
-    ``prompt_logprobs`` (top ``teacher_top_k`` per position)."""
-    teacher_top_k: int = 20
-    """On-policy with an HTTP teacher (``--teacher URL``): top log-probabilities per position it returns
-    for each scored sequence; at most the server's ``--max-logprobs`` (20 by default)."""
+    ``prompt_logprobs`` (top ``teacher_top_k`` per position, 20 when that is 0)."""
     allow_partial_store: bool = False
     """Train on what a damaged store still holds: shards its manifest lists that cannot be read are
     counted and reported instead of refused (by default, re-run `distill generate` to redo them)."""
@@ -99,6 +98,24 @@ class TrainConfig:
     """On-policy only: tokens the student writes per prompt; >= 1."""
     sample_temperature: float = 1.0
     """On-policy only: sampling temperature of the student's completions; > 0."""
+    fused: bool = True
+    """Compute the loss from hidden states with the LM head applied a chunk of rows at a time, so the full
+    (batch, length, vocabulary) logits never exist (`distill.train.heads`); ``--no-fused``: the model's
+    full logits and the plain loss (same values within float32 rounding)."""
+    chunk_size: int | None = None
+    """Rows (tokens) per chunk of the fused loss, >= 1 and at most a micro-batch's tokens; default
+    ``max(1, 2**22 // V)`` for a vocabulary of V entries (32 at V = 131,072; measured sweep in docs/train.md)."""
+    teacher_top_k: int = 0
+    """Distil against the teacher's top-k per position (plus a tail bucket for the rest of its mass). A local
+    teacher: taken chunk by chunk; 0 = its full distribution. An HTTP teacher (on-policy, ``--teacher
+    URL``) always answers with a top-k: 0 means 20 (vLLM's default ``--max-logprobs``), and more than
+    the server's limit is refused."""
+    pack: bool = False
+    """Pack short examples into sequences of up to ``max_length`` tokens, attention kept within each
+    example (position ids restart at each example), so no compute goes to padding; needs an EOS token."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in backward instead of keeping them (less memory, ~30% more
+    time); refused for a model that does not support it."""
     trust_remote_code: bool = False
     """Run Python code shipped with the student's or teacher's checkpoint (its ``auto_map`` modules);
     off unless asked. Weights are read from safetensors only, whatever this says."""
@@ -119,6 +136,10 @@ class TrainConfig:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         _positive_float("temperature", self.temperature)
+        if self.temperature > MAX_TEMPERATURE:  # T**2 scales the loss: 1e308 would overflow to inf
+            raise ValueError(
+                f"temperature (--temperature) must be at most {MAX_TEMPERATURE:g}, got {self.temperature!r}"
+            )
         _positive_float("lr", self.lr)
         _positive_float("lora_alpha", self.lora_alpha)
         _positive_float("sample_temperature", self.sample_temperature)
@@ -137,11 +158,23 @@ class TrainConfig:
             ("lora_r", 0),
             ("max_new_tokens", 1),
             ("log_every", 1),
-            ("teacher_top_k", 1),
+            ("teacher_top_k", 0),
         ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+        if self.chunk_size is not None and (
+            isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1
+        ):
+            raise ValueError(f"chunk_size (--chunk-size) must be an integer >= 1, got {self.chunk_size!r}")
+        if self.teacher_top_k and not self.teacher:
+            raise ValueError(
+                f"teacher_top_k (--teacher-top-k) {self.teacher_top_k} needs a teacher: give --teacher DIR or URL"
+            )
+        if self.pack and self.mode == "on-policy":
+            raise ValueError(
+                "pack (--pack) does not apply to mode 'on-policy': the student writes the completions"
+            )
         if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 2):
             raise ValueError(f"max_length must be an integer >= 2 or None, got {self.max_length!r}")
         for name in ("weight_decay", "max_grad_norm"):

@@ -184,13 +184,20 @@ def _from_store(
         if token_level:
             check_store_tokenizer(manifest, tokenizer, str(path))  # raises, naming both tokenizers
         return _store_as_text(st, tokenizer, max_length, stats)
-    out = []
+    out, beyond, n_tok = [], [], len(tokenizer)
     # The store cuts sequences to max_length and skips (and counts) records with no completion token
     # left or with non-finite log-probabilities; it tokenises black-box records with the student's tokenizer.
     for ex in st.examples(max_length=max_length, tokenizer=tokenizer):
         stats.read += 1
         labels = ex["labels"]
         counted = labels != IGNORE
+        # Ids past the tokenizer (a teacher's padded head slots) are no token: the record cannot be trained on.
+        top = int(ex["input_ids"].max()) if len(ex["input_ids"]) else -1
+        if need_topk and "topk_ids" in ex and bool(counted.any()):  # top-k is read only when used
+            top = max(top, int(ex["topk_ids"][counted].max()))
+        if top >= n_tok:
+            beyond.append((str(ex["id"]), top))
+            continue
         plen = int(counted.long().argmax()) if bool(counted.any()) else len(labels)
         topk = "topk_ids" in ex and "topk_logprobs" in ex
         if need_topk and not topk:
@@ -211,6 +218,9 @@ def _from_store(
     for reason, n in getattr(st, "rejected", {}).items():
         stats.read += n
         stats.skipped[reason] = stats.skipped.get(reason, 0) + n
+    if beyond:
+        named = ", ".join(f"{rid!r} (id {v})" for rid, v in beyond[:3]) + (", ..." if len(beyond) > 3 else "")
+        stats.skipped[f"token ids beyond the tokenizer's {n_tok} entries: {named}"] = len(beyond)
     return out
 
 
@@ -291,6 +301,19 @@ def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tens
         m = len(e["input_ids"])
         input_ids[i, :m], labels[i, :m], mask[i, :m] = e["input_ids"], e["labels"], 1
     batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    if all(
+        "kd_mask" in e for e in examples
+    ):  # rows whose KD is masked out (e.g. unaligned cross-tokenizer rows)
+        kd = torch.zeros((b, n), dtype=torch.bool)
+        for i, e in enumerate(examples):
+            kd[i, : len(e["input_ids"])] = e["kd_mask"].bool()
+        batch["kd_mask"] = kd
+    if all("position_ids" in e for e in examples):  # packed rows (`distill.train.packing`)
+        pos = torch.zeros((b, n), dtype=torch.long)
+        for i, e in enumerate(examples):
+            m = len(e["input_ids"])
+            pos[i, :m], pos[i, m:] = e["position_ids"], torch.arange(n - m)  # padding: a segment of its own
+        batch["position_ids"] = pos
     if all("topk_ids" in e for e in examples):
         k = max(e["topk_ids"].shape[-1] for e in examples)
         ids = torch.zeros((b, n, k), dtype=torch.long)

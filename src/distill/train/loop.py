@@ -35,8 +35,9 @@ from distill.train import setup
 from distill.train.checkpoint import prepare_output
 from distill.train.config import TrainConfig
 from distill.train.examples import IGNORE, BatchOrder, DataStats, collate
+from distill.train.heads import micro_batch_loss
 from distill.train.objective import Objective
-from distill.train.onpolicy import is_on_policy, remote_scores, student_samples
+from distill.train.onpolicy import REMOTE_TOP_K, is_on_policy, remote_scores, student_samples
 
 
 @dataclass
@@ -96,12 +97,7 @@ def accumulate_gradients(
         # Gradients are all-reduced once, after the last micro-batch.
         sync = nullcontext() if m == len(batches) - 1 else accelerator.no_sync(model)
         with sync, accelerator.autocast():
-            s_logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            t_logits = None
-            if teacher is not None:
-                with torch.no_grad():  # the teacher is frozen: no activations kept
-                    t_logits = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            loss_sum, parts = objective.loss_sum(s_logits, b, t_logits, on_policy=on_policy)
+            loss_sum, parts = micro_batch_loss(objective, model, teacher, b, on_policy=on_policy)
             if not torch.isfinite(loss_sum):
                 raise FloatingPointError(f"non-finite loss {float(loss_sum)} (parts {parts})")
             accelerator.backward(loss_sum * scale)
@@ -179,7 +175,10 @@ def train(cfg: TrainConfig, *, accelerator=None, console=None) -> TrainResult:
                 student = accelerator.unwrap_model(model)
                 micro = [student_samples(cfg, student, mb, tok, synced=synced) for mb in micro]
             if models.remote_teacher is not None:  # an HTTP teacher scores every sequence (vLLM)
-                micro = [remote_scores(models.remote_teacher, mb, cfg.teacher_top_k) for mb in micro]
+                micro = [
+                    remote_scores(models.remote_teacher, mb, cfg.teacher_top_k or REMOTE_TOP_K)
+                    for mb in micro
+                ]
             batches = [collate(mb, tok.pad_token_id) for mb in micro]
             total, parts_sum, n_total = accumulate_gradients(
                 objective, accelerator, model, teacher, batches, on_policy=on_policy

@@ -42,6 +42,13 @@ class Objective:
     n_vocab: int | None = None
     """Vocabulary entries both models share; logits beyond them (padding rows) are left out of both
     distributions and of CE. ``None``: the student's whole head (``sft``)."""
+    fused: bool = False
+    """Compute the loss from hidden states, the head applied a chunk of rows at a time
+    (`distill.train.heads`); ``False``: from the model's full logits (this class's `loss_sum`)."""
+    chunk_size: int | None = None
+    """Rows per chunk of the fused loss; ``None``: `distill.train.heads.default_chunk_size`."""
+    teacher_top_k: int = 0
+    """A local teacher's top-k (+ tail bucket) instead of its full distribution; 0: full."""
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, *, capture_temperature: float = 1.0, n_vocab: int) -> Objective:
@@ -56,6 +63,9 @@ class Objective:
             temperature=cfg.temperature,
             capture_temperature=capture_temperature,
             n_vocab=None if cfg.mode == "sft" else n_vocab,
+            fused=cfg.fused,
+            chunk_size=cfg.chunk_size,
+            teacher_top_k=cfg.teacher_top_k,
         )
 
     @property
@@ -71,6 +81,8 @@ class Objective:
     def targets(self, batch: dict[str, torch.Tensor], teacher_logits: torch.Tensor | None):
         """The teacher signal for shifted positions ``[:, 1:]``: a local teacher's logits ``(B, L-1, V)``,
         else the batch's top-k as `SparseTargets` ``(B, L-1, K)``."""
+        if teacher_logits is not None and self.teacher_top_k:
+            return SparseTargets.from_logits(teacher_logits, self.teacher_top_k, temperature=self.temperature)
         if teacher_logits is not None:
             return teacher_logits
         return SparseTargets(
@@ -104,6 +116,8 @@ class Objective:
         s = s_logits[:, :-1]
         labels = batch["labels"][:, 1:]
         mask = labels != IGNORE
+        if "kd_mask" in batch:  # rows whose KD is masked out (unaligned positions): CE only
+            mask = mask & batch["kd_mask"][:, 1:].bool()
         t = None if t_logits is None else t_logits[:, :-1]
         if self.n_vocab is not None:
             s = s[..., : self.n_vocab]

@@ -17,6 +17,9 @@ import torch
 from distill.train.config import TrainConfig
 from distill.train.examples import IGNORE, collate_prompts
 
+REMOTE_TOP_K = 20
+"""Top-k an HTTP teacher is asked per position when ``teacher_top_k`` is 0 (vLLM's default ``--max-logprobs``)."""
+
 
 def is_on_policy(cfg: TrainConfig, step: int) -> bool:
     """Whether optimizer step ``step`` (0-based) trains on the student's own samples."""

@@ -29,6 +29,8 @@ from distill.train.distributed import (
     mixed_precision,
 )
 from distill.train.examples import BatchOrder, DataStats, load_examples
+from distill.train.onpolicy import REMOTE_TOP_K
+from distill.train.packing import check_packing, pack_examples
 from distill.train.trackers import PROJECT, check_trackers, logging_dir, tracker_env
 from distill.train.vocab import check_store_tokenizer, shared_vocab_size
 
@@ -93,7 +95,7 @@ def load_models(cfg: TrainConfig, accelerator) -> Models:
     if cfg.teacher and cfg.mode == "on-policy" and cfg.teacher.startswith(("http://", "https://")):
         from distill.train.onpolicy import open_scoring_teacher
 
-        remote = open_scoring_teacher(cfg.teacher, tok, cfg.teacher_top_k)
+        remote = open_scoring_teacher(cfg.teacher, tok, cfg.teacher_top_k or REMOTE_TOP_K)
         return Models(student=student, tokenizer=tok, teacher=None, n_vocab=n_vocab, remote_teacher=remote)
     if cfg.teacher and cfg.mode != "sft":
         teacher, t_tok = load_model(cfg.teacher, "teacher", cfg.trust_remote_code)
@@ -104,6 +106,11 @@ def load_models(cfg: TrainConfig, accelerator) -> Models:
             teacher_vocab_size=teacher.config.vocab_size,
         )
         teacher.requires_grad_(False).eval().to(accelerator.device)
+        if cfg.teacher_top_k > n_vocab:
+            raise ValueError(
+                f"teacher_top_k (--teacher-top-k) {cfg.teacher_top_k} is more than the {n_vocab} vocabulary "
+                "entries the models share"
+            )
     return Models(student=student, tokenizer=tok, teacher=teacher, n_vocab=n_vocab)
 
 
@@ -132,6 +139,14 @@ def load_data(cfg: TrainConfig, models: Models, say: Say) -> tuple[list[dict[str
         if top >= student.config.vocab_size:
             raise ValueError(f"{cfg.data}: teacher token id {top} is outside the student's vocabulary")
     say(f"[bold]data[/]: {stats.summary()}")
+    if cfg.pack:
+        check_packing(cfg, tok, student)
+        n_before = len(examples)
+        examples = pack_examples(examples, max_length(cfg, student))
+        say(
+            f"[bold]packed[/] {n_before} examples into {len(examples)} sequences of up to {max_length(cfg, student)} tokens"
+        )
+    check_chunk_size(cfg, examples)
     context = int(getattr(student.config, "max_position_embeddings", 0) or 0)
     if cfg.mode == "on-policy" and context:
         longest = max(e["prompt_len"] for e in examples)
@@ -141,6 +156,36 @@ def load_data(cfg: TrainConfig, models: Models, say: Say) -> tuple[list[dict[str
                 f"exceeds the student's context ({context}); lower --max-new-tokens or --max-length"
             )
     return examples, stats
+
+
+def check_chunk_size(cfg: TrainConfig, examples: list[dict[str, Any]]) -> None:
+    """Refuse a ``--chunk-size`` larger than a micro-batch can hold (its longest rows, all counted)."""
+    if cfg.chunk_size is None:
+        return
+    most = cfg.batch_size * max(len(e["input_ids"]) - 1 for e in examples)
+    if cfg.chunk_size > most:
+        raise ValueError(
+            f"chunk_size (--chunk-size) {cfg.chunk_size} is larger than a micro-batch's tokens (at most "
+            f"{cfg.batch_size} x {most // cfg.batch_size} = {most} with --batch-size {cfg.batch_size}): "
+            "give at most that, or leave it unset for the default"
+        )
+
+
+def enable_checkpointing(cfg: TrainConfig, student) -> None:
+    """``--gradient-checkpointing``: layer activations recomputed in backward; refused where unsupported."""
+    if not cfg.gradient_checkpointing:
+        return
+    if not getattr(student, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"--gradient-checkpointing: {type(student).__name__} ({cfg.student}) does not support gradient "
+            "checkpointing (transformers' supports_gradient_checkpointing is False); train without it"
+        )
+    # Non-reentrant: gradients also reach frozen-embedding models (LoRA) without enable_input_require_grads.
+    kwargs = {"use_reentrant": False}
+    if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5.2x's name for it
+        student.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 @dataclass
@@ -168,6 +213,7 @@ def prepare(cfg: TrainConfig, accelerator, student) -> Trainable:
     """LoRA (when asked), AdamW over the trainable parameters, and accelerate's wrapping (DDP, FSDP)."""
     from accelerate.utils import DistributedType
 
+    enable_checkpointing(cfg, student)
     torch.manual_seed(cfg.seed)  # LoRA initialisation
     if cfg.lora_r:
         student = apply_lora(cfg, student)
