@@ -134,7 +134,11 @@ def fused_loss_sum(objective, model, teacher, batch: dict[str, Tensor], *, on_po
     labels = batch["labels"][:, 1:]
     rows = labels != IGNORE
     if not bool(rows.any()):
-        zero = anchored(s.hidden.sum() * 0.0, s)
+        # The head's weight (and bias) still get a zero gradient, as in the dense path: a process whose
+        # micro-batch scores nothing must do the same collectives as the others (FSDP2 reduce-scatters
+        # only the parameters that have a gradient; DDP waits for every one).
+        zero = s.hidden.sum() * 0.0 + s.weight.sum() * 0.0
+        zero = anchored(zero + s.bias.sum() * 0.0 if s.bias is not None else zero, s)
         parts = {"ce": zero.detach(), "kd": zero.detach()}
         return zero, parts if objective.distills else {"ce": parts["ce"]}
     h = s.hidden[:, :-1][rows]
