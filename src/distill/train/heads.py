@@ -51,7 +51,7 @@ class Captured:
     weight: Tensor | None = None
     bias: Tensor | None = None
     output: Tensor | None = None
-    """The model's ``logits`` output: an empty ``(B, L, 0)`` view of the hidden states (see `anchored`)."""
+    """The model's ``logits`` output: an empty ``(B, L, 0)`` tensor computed from the hidden states (see `anchored`)."""
 
 
 @contextmanager
@@ -64,7 +64,9 @@ def captured_head(model) -> Iterator[Captured]:
         # The weight as seen here: inside the forward, FSDP has gathered it (and keeps the root's
         # parameters gathered until backward), and autograd links it to the real parameter.
         cap.hidden, cap.weight, cap.bias = x, head.weight, getattr(head, "bias", None)
-        return x[..., :0]  # no logits, but still in the graph (`anchored`)
+        # No logits, but still in the graph (`anchored`). A copy, not a view of ``x``: FSDP2 warns that
+        # an in-place op on a view it hooks would drop its pre-backward hook.
+        return x[..., :0].clone()
 
     head.forward = forward  # an instance attribute shadows the class's forward for this call only
     try:
