@@ -42,7 +42,12 @@ if version == 1:  # FSDP1 compares its device_id (accelerate's "cpu:0") with the
     acc.state.device = torch.device("cpu")
 assert acc.is_fsdp2 == (version == 2)
 r = train(TrainConfig(**json.loads(sys.argv[1])), accelerator=acc)
-print("RESUMED_FROM", r.resumed_from)
+print("RESUMED_FROM", r.resumed_from, flush=True)
+# Leave the gloo group before the interpreter exits rather than in its teardown: one run of this test
+# ended with a process aborting ("terminate called without an active exception", not reproduced since;
+# pytorch/pytorch#90549 reports that abort at the exit of FSDP test processes).
+acc.wait_for_everyone()
+torch.distributed.destroy_process_group()
 """
 
 
@@ -141,6 +146,8 @@ def test_fsdp_two_processes_match_one_process_and_resume_exactly(tmp_path, singl
             _launch("--multi_gpu", *args), env=_env(), capture_output=True, text=True, timeout=600
         )
         assert run.returncode == 0, run.stderr[-4000:]
+        # The fused loss's empty logits are no view that FSDP2 hooks (an in-place op would drop the hook).
+        assert "returned a view tensor" not in run.stderr, run.stderr[-4000:]
         return run.stdout
 
     forced_fsdp(out=str(tmp_path / "fsdp"), max_steps=4, save_every=2)

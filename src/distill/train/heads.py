@@ -51,7 +51,7 @@ class Captured:
     weight: Tensor | None = None
     bias: Tensor | None = None
     output: Tensor | None = None
-    """The model's ``logits`` output: an empty ``(B, L, 0)`` view of the hidden states (see `anchored`)."""
+    """The model's ``logits`` output: an empty ``(B, L, 0)`` tensor computed from the hidden states (see `anchored`)."""
 
 
 @contextmanager
@@ -64,7 +64,9 @@ def captured_head(model) -> Iterator[Captured]:
         # The weight as seen here: inside the forward, FSDP has gathered it (and keeps the root's
         # parameters gathered until backward), and autograd links it to the real parameter.
         cap.hidden, cap.weight, cap.bias = x, head.weight, getattr(head, "bias", None)
-        return x[..., :0]  # no logits, but still in the graph (`anchored`)
+        # No logits, but still in the graph (`anchored`). A copy, not a view of ``x``: FSDP2 warns that
+        # an in-place op on a view it hooks would drop its pre-backward hook.
+        return x[..., :0].clone()
 
     head.forward = forward  # an instance attribute shadows the class's forward for this call only
     try:
@@ -134,7 +136,11 @@ def fused_loss_sum(objective, model, teacher, batch: dict[str, Tensor], *, on_po
     labels = batch["labels"][:, 1:]
     rows = labels != IGNORE
     if not bool(rows.any()):
-        zero = anchored(s.hidden.sum() * 0.0, s)
+        # The head's weight (and bias) still get a zero gradient, as in the dense path: a process whose
+        # micro-batch scores nothing must do the same collectives as the others (FSDP2 reduce-scatters
+        # only the parameters that have a gradient; DDP waits for every one).
+        zero = s.hidden.sum() * 0.0 + s.weight.sum() * 0.0
+        zero = anchored(zero + s.bias.sum() * 0.0 if s.bias is not None else zero, s)
         parts = {"ce": zero.detach(), "kd": zero.detach()}
         return zero, parts if objective.distills else {"ce": parts["ce"]}
     h = s.hidden[:, :-1][rows]

@@ -212,3 +212,29 @@ def test_collate_and_pack_carry_kd_masks_and_restart_positions(tiny_tokenizer):
     assert batch["position_ids"][1, lengths[2] :].tolist() == list(
         range(batch["labels"].shape[1] - lengths[2])
     )
+
+
+@pytest.mark.parametrize("head", sorted(STUDENTS))
+@pytest.mark.parametrize("mode", ["sft", "logits"])
+def test_a_micro_batch_with_nothing_to_score_gives_every_parameter_a_zero_gradient(setting, head, mode):
+    """A process whose whole micro-batch scores nothing (all labels -100) still gives every trainable
+    parameter a (zero) gradient, the head's weight and bias included, as the dense path does: under FSDP2
+    or DDP the processes must reduce the same parameters, or their collectives go out of step."""
+    from distill.train.heads import micro_batch_loss
+
+    b = setting["batches"][1]
+    nothing = {**b, "labels": torch.full_like(b["labels"], -100)}
+    student = STUDENTS[head](setting["v"])
+    teacher = setting["teacher"] if mode == "logits" else None
+    grads = []
+    for fused in (False, True):
+        student.zero_grad(set_to_none=True)
+        obj = Objective(mode=mode, loss="forward_kl", alpha=0.5, n_vocab=setting["n_vocab"], fused=fused)
+        total, parts = micro_batch_loss(obj, student, teacher, nothing, on_policy=False)
+        assert float(total) == 0.0 and all(float(v) == 0.0 for v in parts.values())
+        total.backward()
+        grads.append(_grads(student))
+    dense, fused_g = grads
+    trainable = {n for n, p in student.named_parameters() if p.requires_grad}
+    assert fused_g.keys() == dense.keys() == trainable
+    assert all(g.abs().max().item() == 0.0 for g in fused_g.values())
