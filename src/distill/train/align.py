@@ -24,6 +24,15 @@ def stream_lead(stream: bytes, text: bytes) -> int | None:
     return None
 
 
+def prefix_lead(stream: bytes, text: bytes) -> int | None:
+    """As `stream_lead`, for tokens that may spell only the start of the text (a truncated example)."""
+    if text.startswith(stream):
+        return 0
+    if stream[:1] == b" " and text.startswith(stream[1:]):
+        return 1
+    return None
+
+
 def token_starts(lengths: np.ndarray, lead: int = 0) -> np.ndarray:
     """Byte offset in the text where each token starts, ``(n,)`` int64, from the tokens' byte lengths
     ``(n,)``. ``lead`` bytes spelled before the text (a dummy prefix) are taken off; a token that
@@ -62,4 +71,4 @@ def char_start(text: bytes, offset: int) -> int:
     return offset
 
 
-__all__ = ["align", "char_start", "stream_lead", "token_starts"]
+__all__ = ["align", "char_start", "prefix_lead", "stream_lead", "token_starts"]

@@ -20,6 +20,7 @@ import torch
 
 from distill.train import checkpoint as ckpt
 from distill.train.config import TrainConfig
+from distill.train.cross_data import cross_store, cross_summary
 from distill.train.distributed import (
     check_launch,
     check_requested,
@@ -30,7 +31,7 @@ from distill.train.distributed import (
 )
 from distill.train.examples import BatchOrder, DataStats, load_examples
 from distill.train.trackers import PROJECT, check_trackers, logging_dir, tracker_env
-from distill.train.vocab import check_store_tokenizer, shared_vocab_size
+from distill.train.vocab import check_store_tokenizer, shared_vocab_size, token_strings
 
 Say = Callable[..., None]
 
@@ -81,15 +82,24 @@ class Models:
     teacher: Any | None
     n_vocab: int
     """Real vocabulary entries (the student's tokenizer; shared with the teacher's when there is one)."""
+    cross_teacher: Any | None = None
+    """A local teacher of another tokenizer (`distill.train.cross_data.CrossTeacher`); ``teacher`` is
+    then None: its targets come projected onto the student's vocabulary, in the batches."""
 
 
 def load_models(cfg: TrainConfig, accelerator) -> Models:
     """Student and tokenizer; in token-level modes also the local teacher (frozen, on the device), after
-    checking that both speak the same vocabulary."""
+    checking that both speak the same vocabulary (or, when not, wrapped as a `CrossTeacher`)."""
     student, tok = load_model(cfg.student, "student", cfg.trust_remote_code)
     teacher, n_vocab = None, len(tok)
     if cfg.teacher and cfg.mode != "sft":
         teacher, t_tok = load_model(cfg.teacher, "teacher", cfg.trust_remote_code)
+        if token_strings(tok) != token_strings(t_tok):  # another tokenizer: distil through the text
+            from distill.train.cross_data import CrossTeacher
+
+            teacher.requires_grad_(False).eval().to(accelerator.device)
+            cross = CrossTeacher(teacher, t_tok, tok, k=20, top_k=cfg.cross_top_k)
+            return Models(student=student, tokenizer=tok, teacher=None, n_vocab=n_vocab, cross_teacher=cross)
         n_vocab = shared_vocab_size(
             tok,
             t_tok,
@@ -110,16 +120,32 @@ def load_data(cfg: TrainConfig, models: Models, say: Say) -> tuple[list[dict[str
     and that on-policy prompts leave room in the student's context for ``max_new_tokens``."""
     student, tok = models.student, models.tokenizer
     token_level = cfg.mode != "sft"
-    from_store = token_level and models.teacher is None
-    examples, stats = load_examples(
-        cfg.data,
-        tok,
-        max_length=max_length(cfg, student),
-        need_topk=from_store,
-        token_level=token_level,
-        allow_partial_store=cfg.allow_partial_store,
-    )
-    if from_store:
+    from_store = token_level and models.teacher is None and models.cross_teacher is None
+    spec = cross_store(cfg, tok) if from_store else None
+    if spec is not None:  # a store of another tokenizer's top-k: projected onto the student's vocabulary
+        from distill.train.cross_data import load_cross_store
+
+        examples, stats = load_cross_store(
+            cfg.data, tok, spec, max_length=max_length(cfg, student), allow_partial=cfg.allow_partial_store
+        )
+    else:
+        examples, stats = load_examples(
+            cfg.data,
+            tok,
+            max_length=max_length(cfg, student),
+            need_topk=from_store,
+            token_level=token_level and models.cross_teacher is None,
+            allow_partial_store=cfg.allow_partial_store,
+            as_text=models.cross_teacher is not None,
+        )
+    if models.cross_teacher is not None:
+        t_name = _name(models.cross_teacher.tok)
+        stats.cross = {"teacher_tokenizer": t_name, "method": cfg.cross_tokenizer}
+        models.cross_teacher.annotate(examples, stats)
+        stats.has_topk = True
+    if stats.cross:
+        say(f"[bold]cross-tokenizer[/]: {cross_summary(stats, _name(tok))}")
+    elif from_store:
         check_store_tokenizer(stats.manifest, tok, cfg.data)
         top = max(int(e["topk_ids"].max()) for e in examples)
         if top >= student.config.vocab_size:
@@ -134,6 +160,10 @@ def load_data(cfg: TrainConfig, models: Models, say: Say) -> tuple[list[dict[str
                 f"exceeds the student's context ({context}); lower --max-new-tokens or --max-length"
             )
     return examples, stats
+
+
+def _name(tok) -> str:
+    return str(getattr(tok, "name_or_path", "") or "?")
 
 
 @dataclass
