@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                    train_seconds=statistics.fmean(r["train_seconds"] for r in runs))  # fmt: skip
         result[k] = agg
 
-        def f(m: str) -> str:
+        def f(m: str, agg: dict = agg) -> str:
             return f"{agg[m]['mean']:.3f} ± {agg[m]['std']:.3f}"
 
         setting = f"T {agg['temperature']:g}, alpha {agg['alpha']:g}" if k in ("project", "uld") else ""
