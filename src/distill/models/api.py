@@ -2,10 +2,15 @@
 
 Plain-text prompts go to ``/v1/completions``, chats to ``/v1/chat/completions`` (``chat="auto"``).
 With ``settings.top_logprobs = k > 0`` the request asks for log-probabilities (``logprobs=k`` on
-completions, ``logprobs=true, top_logprobs=k`` on chat). Token ids come from the token-id extension
-that `distill serve` and vLLM add to each choice (``prompt_token_ids``, ``token_ids``,
-``top_token_ids``); an endpoint without it yields text-only completions (no top-k), which the
-store keeps as black-box answers.
+completions, ``logprobs=true, top_logprobs=k`` on chat). The server's kind comes from its
+``/v1/models`` card (`distill.models.server`): to vLLM (``owned_by: "vllm"``) every request also
+sends ``return_token_ids: true`` (ids of the prompt and of the completion, its final EOS included)
+and ``return_tokens_as_token_ids: true`` (every top-k entry reads ``"token_id:N"``: vLLM has no
+``top_token_ids``); `distill serve` adds ``prompt_token_ids``, ``token_ids`` and ``top_token_ids``
+by itself; a hosted API's top-k comes as strings and is kept as bytes (``Completion.top_bytes``).
+``extra_body`` is merged into every request. Parsing: `distill.models.responses`; the checks
+before the first prompt (k limit, tokenizer probe, not an OpenAI endpoint) and vLLM scoring
+(``prompt_logprobs``, `APITeacher.score`): `distill.models.server`.
 
 HTTP is `http.client` with one keep-alive connection per (thread, endpoint) (`_Transport`, in
 `distill.models.http`): httpx cost ~1.4 ms of CPU per request under 32 threads (its pooled
@@ -54,6 +59,7 @@ from distill.models.http import (
     check_base_url,
     tls_context,
 )
+from distill.models.responses import parse_completion
 
 CAPTURE_TEMPERATURE = 1.0
 """OpenAI-style endpoints (and `distill serve`) return log-probabilities of the raw (T = 1) distribution."""
@@ -96,6 +102,9 @@ class APITeacher:
         max_connections: int = 64,
         seed: int | None = None,
         ca_bundle: str | os.PathLike[str] | None = None,
+        extra_body: dict[str, Any] | None = None,
+        revision: str | None = None,
+        tokenizer: str | os.PathLike[str] | None = None,
     ) -> None:
         urls = [base_url] if isinstance(base_url, str) else list(base_url)
         if not urls:
@@ -109,6 +118,18 @@ class APITeacher:
             raise ValueError(f"max_connections must be >= 1, got {max_connections!r}")
         if int(max_retries) < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries!r}")
+        if extra_body is not None and not isinstance(extra_body, dict):
+            raise ValueError(f"extra_body (--extra-body) must be a JSON object, got {extra_body!r:.80}")
+        self.extra_body = dict(extra_body or {})
+        self.revision = None if revision is None else str(revision)
+        self.tokenizer_dir = None if tokenizer is None else os.fspath(tokenizer)
+        self._tok = self._tok_info = None
+        if self.tokenizer_dir is not None:  # a local copy: loaded now, so a bad path fails before any request
+            from distill.models.server import load_local_tokenizer
+
+            self._tok, self._tok_info = load_local_tokenizer(self.tokenizer_dir)
+        self.kind: str | None = None
+        """Server kind from its /v1/models card (`distill.models.server.server_kind`); None until known."""
         self.chat, self.timeout, self.max_retries = chat, float(timeout), int(max_retries)
         self.backoff, self.max_backoff, self.max_retry_after = (
             float(backoff),
@@ -135,6 +156,7 @@ class APITeacher:
         self._rng = random.Random(seed)
         self.stats = {"requests": 0, "retries": 0, "errors": 0}
         self._card: dict[str, Any] | None = None
+        self._kind_lock = threading.Lock()
         if model and https:
             self._check_tls(tls)  # without `model`, the /v1/models lookup below finds a bad certificate
         self.model = model if model else self._only_model()
@@ -169,31 +191,74 @@ class APITeacher:
     # --- identity ---------------------------------------------------------------------------
 
     def identity(self) -> dict[str, Any]:
-        """``{"kind": "api", "name": model, "endpoints": [base URLs], "capture_temperature": 1.0}`` (no key)."""
+        """``{"kind": "api", "name": model, "revision", "tokenizer", "extra_body", "capture_temperature": 1.0}``.
+
+        Follows the model, not the address: no URL (replicas and a moved host reuse a store's records).
+        ``revision``: ``--teacher-revision`` (marks retrained weights served under the same name);
+        ``tokenizer``: the ``--teacher-tokenizer`` copy's ``{"name", "vocab_hash"}`` (None without one);
+        ``extra_body``: the extra request fields (they may change the answers). What the server itself
+        reports (kind, weights fingerprint, tokenizer) is checked by `prepare` on every run that asks.
+        No key, no URL."""
         return {
             "kind": "api",
             "name": self.model,
-            "endpoints": sorted(self.urls),
+            "revision": self.revision,
+            "tokenizer": self._tok_info,
+            "extra_body": self.extra_body or None,
             "capture_temperature": CAPTURE_TEMPERATURE,
         }
 
+    @property
+    def endpoints(self) -> list[str]:
+        """The base URLs (recorded in a store's manifest for information, never hashed)."""
+        return sorted(self.urls)
+
     def tokenizer_info(self) -> dict[str, Any] | None:
-        """The ``tokenizer`` entry (``{"name", "vocab_hash"}``) of the model's ``/v1/models`` card, if any
-        (None also when the card cannot be fetched: it only documents the store)."""
+        """``{"name", "vocab_hash"}`` of the ``--teacher-tokenizer`` copy, else the ``tokenizer`` entry of
+        the model's ``/v1/models`` card (`distill serve`), else vLLM's probe fingerprint
+        (``{"name", "vocab_hash": None, "probe_hash"}``, `distill.models.server`); None when the server
+        tells nothing (a hosted API) or cannot be reached (it only documents the store)."""
+        if self._tok_info is not None:
+            return self._tok_info
+        from distill.models.server import server_tokenizer_info
+
         try:
-            card = self._model_card()
+            return server_tokenizer_info(self)
         except APIError:
             return None
-        tok = card.get("tokenizer") if card else None
-        return tok if isinstance(tok, dict) else None
+
+    def prepare(self, settings: GenerationSettings, known: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Checks before the first prompt is sent; returns what the server reports (``{"kind",
+        "fingerprint", "system_fingerprint", "tokenizer"}``) for the store's manifest. Raises
+        ``ValueError`` (one line, naming the URL) for an endpoint that is not OpenAI-compatible, a
+        ``--top-k`` above the server's limit (found with a one-token probe on vLLM and `distill serve`;
+        20 for hosted APIs), or a ``--teacher-tokenizer`` that tokenises a probe text differently from
+        the server (vLLM's ``/tokenize``; `distill serve`'s vocabulary hash). ``known``: the store's
+        record of the server from an earlier run (a k checked then is not probed again)."""
+        from distill.models.server import prepare
+
+        return prepare(self, settings, known)
 
     def _model_card(self) -> dict[str, Any] | None:
         if self._card is None:
             data = self._send("GET", "/models", None)
+            if not isinstance(data.get("data"), list):
+                raise APIError(
+                    f"{self.urls[0]}/models answered without a 'data' list of models: not an "
+                    "OpenAI-compatible endpoint",
+                    retryable=False,
+                )
             cards = [c for c in data.get("data", []) if isinstance(c, dict)]
             self._card = next((c for c in cards if c.get("id") == getattr(self, "model", None)), {})
             self._cards = cards
+            if getattr(self, "model", None) is not None:
+                self._set_kind()
         return self._card
+
+    def _set_kind(self) -> None:
+        from distill.models.server import server_kind
+
+        self.kind = server_kind(self._card or {})
 
     def _only_model(self) -> str:
         self._model_card()
@@ -201,6 +266,8 @@ class APITeacher:
         if len(names) != 1 or not isinstance(names[0], str):
             raise ValueError(f"{self.urls[0]}/models lists models {names!r}; choose one with --model")
         self._card = self._cards[0]
+        self.model = names[0]
+        self._set_kind()
         return names[0]
 
     # --- answering --------------------------------------------------------------------------
@@ -209,8 +276,22 @@ class APITeacher:
         """Answer ``requests`` in order, one HTTP request each (see the module docstring)."""
         return [self._complete_one(r, settings) for r in requests]
 
-    def _complete_one(self, req: Request, settings: GenerationSettings) -> Completion:
-        k = int(settings.top_logprobs)
+    def _known_kind(self) -> str:
+        """The server's kind, looking its card up once if `prepare` (or the constructor) has not."""
+        if self.kind is None:
+            with self._kind_lock:
+                if self.kind is None:
+                    try:
+                        self._model_card()
+                    except APIError as err:
+                        if not err.retryable:
+                            self.kind = "openai"  # no card: ask as a hosted API would be asked
+                        return "openai"  # a flaky server: looked up again with the next request
+        return self.kind
+
+    def request_body(self, settings: GenerationSettings, **fields: Any) -> dict[str, Any]:
+        """The JSON body of one request: the generation settings, vLLM's token-id switches when the server
+        is vLLM (``return_token_ids``, ``return_tokens_as_token_ids``), ``fields``, then ``extra_body``."""
         body: dict[str, Any] = {
             "model": self.model,
             "max_tokens": int(settings.max_new_tokens),
@@ -219,6 +300,15 @@ class APITeacher:
             "seed": int(settings.seed),
             "n": 1,
         }
+        if self._known_kind() == "vllm":
+            body.update(return_token_ids=True, return_tokens_as_token_ids=True)
+        body.update(fields)
+        body.update(self.extra_body)
+        return body
+
+    def _complete_one(self, req: Request, settings: GenerationSettings) -> Completion:
+        k = int(settings.top_logprobs)
+        body = self.request_body(settings)
         use_chat = req.messages is not None or self.chat == "always"
         if use_chat:
             if self.chat == "never":
@@ -238,7 +328,7 @@ class APITeacher:
                 body["logprobs"] = k
             data = self._send("POST", "/completions", body)
         try:
-            return _parse(req.id, data, k, use_chat)
+            return parse_completion(req.id, data, k, use_chat)
         except (KeyError, IndexError, TypeError, ValueError) as err:
             raise APIError(
                 f"unexpected response shape from the endpoint ({type(err).__name__}: {err})"
@@ -246,11 +336,26 @@ class APITeacher:
 
     # --- HTTP with the one retry layer -------------------------------------------------------
 
-    def _send(self, method: str, path: str, body: dict[str, Any] | None) -> dict[str, Any]:
+    def score(
+        self, sequences: Sequence[Sequence[int]], k: int
+    ) -> list[tuple[list[list[int]], list[list[float]]]]:
+        """The teacher's top-k next-token distribution at every position of each token-id sequence:
+        ``[(top ids (L, k), log-probabilities (L, k)), ...]``, row i the distribution of token i given the
+        tokens before it (row 0 zeros). Through vLLM's ``prompt_logprobs`` (echo-style scoring of text the
+        teacher did not write: on-policy distillation); other servers raise `APIError`."""
+        from distill.models.server import score
+
+        return score(self, sequences, k)
+
+    def _send(
+        self, method: str, path: str, body: dict[str, Any] | None, *, retries: int | None = None
+    ) -> dict[str, Any]:
+        max_retries = self.max_retries if retries is None else retries
         attempt = 0
         while True:
             with self._lock:
-                url = self.urls[next(self._rr) % len(self.urls)] + path
+                base = self.urls[next(self._rr) % len(self.urls)]
+                url = path if path.startswith(("http://", "https://")) else base + path
                 self.stats["requests"] += 1
             retry_after = None
             try:
@@ -283,7 +388,7 @@ class APITeacher:
                         with self._lock:
                             self.stats["errors"] += 1
                         raise APIError(error, status=status, attempts=attempt + 1, retryable=False)
-            if attempt >= self.max_retries:
+            if attempt >= max_retries:
                 with self._lock:
                     self.stats["errors"] += 1
                 raise APIError(
@@ -300,44 +405,4 @@ class APITeacher:
             attempt += 1
 
 
-def _parse(rid: str, data: dict[str, Any], k: int, chat: bool) -> Completion:
-    """A `Completion` from one response; token-level fields only when the endpoint gave ids."""
-    choice = data["choices"][0]
-    text = choice["message"]["content"] if chat else choice["text"]
-    prompt_ids = choice.get("prompt_token_ids") or data.get("prompt_token_ids")
-    comp_ids = choice.get("token_ids")
-    top_ids = top_lps = None
-    if k and comp_ids is not None and choice.get("top_token_ids") is not None and choice.get("logprobs"):
-        top_ids = choice["top_token_ids"]
-        if choice.get("top_token_logprobs") is not None:  # (n, k) values aligned with top_token_ids
-            top_lps = choice["top_token_logprobs"]
-        elif chat:
-            top_lps = [[e["logprob"] for e in tok["top_logprobs"]] for tok in choice["logprobs"]["content"]]
-        else:
-            # Legacy completions carry {token text: logprob} per position; aligned with top_token_ids
-            # only when no two ids share a text (then the dict has k entries, likeliest first).
-            dicts = choice["logprobs"]["top_logprobs"]
-            if all(len(d) == len(row) for d, row in zip(dicts, top_ids)):
-                top_lps = [list(d.values()) for d in dicts]
-        n = len(comp_ids)
-        if (
-            top_lps is None
-            or len(top_lps) != n
-            or len(top_ids) != n
-            or any(len(r) != k for r in top_ids + top_lps)
-        ):
-            top_ids = top_lps = None  # not recoverable: keep the completion without top-k
-    usage = data.get("usage") or {}
-    return Completion(
-        id=rid,
-        text=text if isinstance(text, str) else "",
-        finish_reason=str(choice.get("finish_reason") or "unknown"),
-        prompt_token_ids=[int(t) for t in prompt_ids] if prompt_ids is not None else None,
-        completion_token_ids=[int(t) for t in comp_ids] if comp_ids is not None else None,
-        top_ids=top_ids,
-        top_logprobs=top_lps,
-        usage={
-            "prompt_tokens": int(usage.get("prompt_tokens", len(prompt_ids or []))),
-            "completion_tokens": int(usage.get("completion_tokens", len(comp_ids or []))),
-        },
-    )
+_parse = parse_completion  # the old name (tests and callers import it from here)

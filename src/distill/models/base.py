@@ -56,8 +56,8 @@ class Completion:
     """The teacher's answer to one `Request`.
 
     Token-level fields are ``None`` when the teacher does not expose them (a black-box API).
-    ``top_ids`` and ``top_logprobs`` are ``(n_completion_tokens, k)`` lists: row j is the teacher's
-    top-k next-token distribution at the step that produced ``completion_token_ids[j]``.
+    ``top_ids`` (or ``top_bytes``) and ``top_logprobs`` are ``(n_completion_tokens, k)`` lists: row j is
+    the teacher's top-k next-token distribution at the step that produced completion token j.
     """
 
     id: str
@@ -70,6 +70,14 @@ class Completion:
     top_logprobs: list[list[float]] | None = None
     usage: dict[str, int] = field(default_factory=dict)
     """``{"prompt_tokens": n, "completion_tokens": m}`` as reported or counted."""
+    completion_token_bytes: list[bytes] | None = None
+    """The raw bytes of each generated token, in order (n items), from the API's ``bytes`` field or the
+    token strings; None when the endpoint gave neither. ``b"".join(...)`` is the completion's UTF-8
+    (modulo special tokens a server hides from text)."""
+    top_bytes: list[list[bytes]] | None = None
+    """``(n, k)``: the bytes of each top-k alternative at each step, when the endpoint gives top-k as
+    strings, not ids (hosted APIs; ``top_ids`` is None then). ``top_logprobs`` is in the same order.
+    Entries whose strings collide are kept, never merged."""
 
 
 @runtime_checkable

@@ -36,6 +36,9 @@ def open_model(
     ca_bundle: str | None = None,
     trust_remote_code: bool = False,
     key_flag: str = "--api-key-env",
+    extra_body: dict[str, Any] | None = None,
+    revision: str | None = None,
+    tokenizer: str | None = None,
 ) -> Teacher:
     """The model behind ``spec``: URL(s) -> `APITeacher`, one local directory -> `HFTeacher`.
 
@@ -46,6 +49,8 @@ def open_model(
     ``chat`` (``"auto"``, ``"always"``, ``"never"``), ``max_retries``, ``max_connections`` and
     ``ca_bundle`` (PEM file of trusted CAs); a URL carrying credentials is refused
     (`distill.models.http.check_base_url`; ``key_flag`` names the flag for the key instead).
+    ``extra_body`` (a JSON object merged into every request), ``revision`` (``--teacher-revision``) and
+    ``tokenizer`` (``--teacher-tokenizer``, a local copy of the served tokenizer) apply to URLs only.
     ``trust_remote_code``: a local checkpoint may run the code it ships (`distill.models.loading`). Raises ``ValueError`` (or ``FileNotFoundError``) with
     one line naming the flag and the value, before any prompt is sent: the endpoint is reached here
     (model lookup, TLS check).
@@ -71,6 +76,7 @@ def open_model(
             "ca_bundle": ca_bundle,
         }
         kw["max_connections"] = max_connections
+        kw.update(extra_body=extra_body, revision=revision, tokenizer=tokenizer)
         if timeout is not None:
             kw["timeout"] = timeout
         if max_retries is not None:
@@ -79,6 +85,13 @@ def open_model(
             return APITeacher(urls if len(urls) > 1 else urls[0], **kw)
         except APIError as err:  # e.g. the /v1/models lookup refused: one clear line
             raise ValueError(f"--{role} {' '.join(urls)}: {err}") from None
+    for value, flag in (
+        (extra_body, "--extra-body"),
+        (revision, "--teacher-revision"),
+        (tokenizer, "--teacher-tokenizer"),
+    ):
+        if value is not None:
+            raise ValueError(f"{flag} applies to URL teachers; --{role} {specs[0]} is a local directory")
     if ca_bundle is not None:
         raise ValueError(f"--ca-bundle {ca_bundle!r} applies to https URLs; --{role} is a local directory")
     if len(specs) != 1:

@@ -231,8 +231,12 @@ def choice_rows(choice: dict[str, Any], chat: bool) -> list[list[float]] | None:
     """``(T, k)`` top log-probabilities of one choice of an OpenAI answer, None when it has none.
 
     distill's ``top_token_logprobs`` first (exact), else chat's ``logprobs.content[].top_logprobs``,
-    else the legacy completions dicts (``{text: logprob}``, where ids with the same text collapse
-    into one entry: vLLM without ``return_tokens_as_token_ids``; those rows have fewer entries)."""
+    else the legacy completions dicts (``{text: logprob}``). In those dicts ids with the same text
+    collapse into one entry that keeps the *last* value (vLLM without ``return_tokens_as_token_ids``):
+    the chosen token's own value can be replaced by a less likely token's, which lowered the
+    confidence signal (seen with a real vLLM student: 9 of 10 prompts, one routed wrongly). So each
+    legacy row starts with the chosen token's own ``token_logprobs`` value, followed by the dict's
+    other entries (its entry under the chosen text is dropped only when it holds that same value)."""
     try:
         rows = choice.get("top_token_logprobs")
         if rows is None:
@@ -240,7 +244,19 @@ def choice_rows(choice: dict[str, Any], chat: bool) -> list[list[float]] | None:
             if chat:
                 rows = [[e["logprob"] for e in tok["top_logprobs"]] for tok in lp.get("content") or []]
             else:
-                rows = [list(d.values()) for d in lp.get("top_logprobs") or []]
+                dicts = lp.get("top_logprobs") or []
+                chosen, tokens = lp.get("token_logprobs"), lp.get("tokens")
+                if (
+                    isinstance(chosen, list)
+                    and isinstance(tokens, list)
+                    and len(chosen) == len(dicts) == len(tokens)
+                ):
+                    rows = [
+                        [c, *(v for t, v in d.items() if not (t == tok and float(v) == float(c)))]
+                        for c, tok, d in zip(chosen, tokens, dicts)
+                    ]
+                else:
+                    rows = [list(d.values()) for d in dicts]
         return [[float(v) for v in row] for row in rows] or None
     except (AttributeError, KeyError, TypeError, ValueError):
         return None

@@ -15,7 +15,10 @@ from typing import Any
 import numpy as np
 
 FORMAT = "distill.store"
-VERSION = 1
+VERSION = 2
+"""Version 2 added the byte columns (``completion_token_bytes``, ``topk_bytes``) and the manifest's
+``topk_kind``; version-1 stores stay readable (`READABLE`)."""
+READABLE = (1, 2)
 MANIFEST = "manifest.json"
 FAILURES = "failures.jsonl"
 SHARD_GLOB = "shard-*.parquet"
@@ -37,6 +40,9 @@ _COLUMNS = (
     "prompt_tokens",
     "completion_tokens",
 )
+"""The columns every shard has (version 1 and 2)."""
+V2_COLUMNS = ("completion_token_bytes", "topk_bytes")
+"""Columns added by version 2 (nullable): absent from version-1 shards, read as None there."""
 
 
 def schema():
@@ -45,7 +51,10 @@ def schema():
     ``topk_ids``/``topk_logprobs`` are byte blobs of row-major ``(n_completion, k)`` arrays:
     little-endian int32 ids and float16 log-probabilities (6·k bytes per token before compression).
     Blobs rather than Parquet lists: a list stores repetition levels per value, which makes reading
-    several times slower; a blob is one value per record and decodes with ``np.frombuffer``."""
+    several times slower; a blob is one value per record and decodes with ``np.frombuffer``.
+    Version 2: ``completion_token_bytes`` (n items, the bytes of each generated token) and
+    ``topk_bytes`` (row-major n*k items, the bytes of each top-k alternative, when the top-k came as
+    strings from a hosted API: ``topk_ids`` is null then), both nullable."""
     import pyarrow as pa
 
     return pa.schema(
@@ -62,8 +71,18 @@ def schema():
             ("topk_logprobs", pa.binary()),
             ("prompt_tokens", pa.int64()),
             ("completion_tokens", pa.int64()),
+            ("completion_token_bytes", pa.list_(pa.binary())),
+            ("topk_bytes", pa.list_(pa.binary())),
         ]
     )
+
+
+def topk_kind(manifest: dict[str, Any]) -> str | None:
+    """``"ids"``, ``"bytes"`` or None (no top-k: text only) for a manifest; a version-1 manifest reads
+    as ``"ids"`` when k > 0."""
+    if "topk_kind" in manifest:
+        return manifest["topk_kind"]
+    return "ids" if int(manifest.get("k") or 0) > 0 else None
 
 
 def canonical(obj: Any) -> str:
@@ -125,8 +144,11 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     manifest = read_document(mpath, "store manifest")
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{mpath}: not a distill store manifest (format {manifest.get('format')!r})")
-    if manifest.get("version") != VERSION:
-        raise ValueError(f"{mpath}: store version {manifest.get('version')!r}, this distill reads {VERSION}")
+    if manifest.get("version") not in READABLE:
+        raise ValueError(
+            f"{mpath}: store version {manifest.get('version')!r}, this distill reads versions "
+            f"{', '.join(map(str, READABLE))}"
+        )
     _check_manifest(mpath, manifest)
     return manifest
 
@@ -136,6 +158,9 @@ def _check_manifest(mpath: Path, m: dict[str, Any]) -> None:
     k = m.get("k", 0)
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise ValueError(f"{mpath}: k must be an integer >= 0, got {k!r}")
+    kind = m.get("topk_kind")
+    if kind not in (None, "ids", "bytes"):
+        raise ValueError(f"{mpath}: topk_kind must be 'ids', 'bytes' or null, got {kind!r}")
     t = m.get("capture_temperature", 1.0)
     if t is not None and (isinstance(t, bool) or not isinstance(t, int | float) or not 0 < t < float("inf")):
         raise ValueError(f"{mpath}: capture_temperature must be a finite number > 0, got {t!r}")

@@ -14,7 +14,6 @@ and nothing is duplicated (a committed key is never asked again).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -24,9 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from distill import store
-from distill.data import read_table
 from distill.models.base import GenerationSettings, Request, Teacher
 from distill.store import writer as store_writer
+from distill.store.prompts import load_prompts
+
+__all__ = ["GenerateResult", "Prompt", "check_top_k", "generate", "load_prompts", "store_config"]
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,10 @@ class GenerateResult:
     left: int = 0
     """Prompts not attempted (the budget stopped the run)."""
     without_topk: int = 0
-    """Answers committed without top-k data although k > 0 (the endpoint gave none)."""
+    """Answers without top-k data although k > 0 (the endpoint gave none; kept only with
+    ``allow_text_only``)."""
+    text_only: Any = field(default=None, repr=False)
+    """The first such answer: ``(record id, Completion)``."""
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost: float | None = None
@@ -74,61 +78,15 @@ class GenerateResult:
         return self.prompt_tokens + self.completion_tokens
 
 
-def load_prompts(path: str | Path) -> list[dict[str, Any]]:
-    """Rows ``{"id": str | None, "prompt": str | None, "messages": tuple | None}`` from a JSONL/JSON
-    (``{"id"?, "prompt"}`` or ``{"id"?, "messages"}``), CSV or Parquet (a ``prompt`` column) file.
-
-    Every row is checked before any request; errors name the file and the row (1-based)."""
-    rows = read_table(path)
-    if not rows:
-        raise ValueError(f"{path}: no prompts")
-    out, seen = [], {}
-    for n, row in enumerate(rows, 1):
-        where = f"{path}: row {n}"
-        prompt, messages, rid = row.get("prompt"), row.get("messages"), row.get("id")
-        if isinstance(messages, str) and messages.strip().startswith("["):  # CSV/Parquet: JSON text
-            try:
-                messages = json.loads(messages)
-            except json.JSONDecodeError:
-                raise ValueError(f"{where}: 'messages' is not valid JSON") from None
-        if (prompt is None) == (messages is None):
-            raise ValueError(f"{where}: give exactly one of 'prompt' and 'messages' (keys: {sorted(row)})")
-        if prompt is not None and (not isinstance(prompt, str) or not prompt):
-            raise ValueError(f"{where}: 'prompt' must be a non-empty string, got {prompt!r:.60}")
-        if messages is not None:
-            if not isinstance(messages, list | tuple) or not messages:
-                raise ValueError(f"{where}: 'messages' must be a non-empty list, got {messages!r:.60}")
-            for m in messages:
-                if not (
-                    isinstance(m, dict)
-                    and isinstance(m.get("role"), str)
-                    and isinstance(m.get("content"), str)
-                ):
-                    raise ValueError(
-                        f"{where}: each message needs string 'role' and 'content', got {m!r:.60}"
-                    )
-            messages = tuple({"role": m["role"], "content": m["content"]} for m in messages)
-        if rid is not None:
-            if isinstance(rid, bool) or not isinstance(rid, str | int) or str(rid) == "":
-                raise ValueError(f"{where}: 'id' must be a non-empty string or integer, got {rid!r}")
-            rid = str(rid)
-            if rid in seen:
-                raise ValueError(f"{where}: id {rid!r} repeats row {seen[rid]}; ids must be unique")
-            seen[rid] = n
-        out.append({"id": rid, "prompt": prompt, "messages": messages})
-    return out
-
-
 def store_config(teacher: Teacher | Sequence[Teacher], settings: GenerationSettings) -> dict[str, Any]:
-    """The store's setup: what every key hashes. Replicas must share their identity (endpoints aside)."""
+    """The store's setup: what every key hashes. Replicas must share their identity. No URL is in it:
+    the identity follows the model, so replicas and a moved host reuse the records (the URLs are in
+    the manifest's ``endpoints``, for information)."""
     teachers = _as_list(teacher)
-    idents = [t.identity() for t in teachers]
-    core = [{k: v for k, v in i.items() if k != "endpoints"} for i in idents]
-    if any(store.canonical(c) != store.canonical(core[0]) for c in core):
-        raise ValueError(f"teachers given together must serve the same model; identities differ: {core!r}")
+    idents = [{k: v for k, v in t.identity().items() if k != "endpoints"} for t in teachers]
+    if any(store.canonical(c) != store.canonical(idents[0]) for c in idents):
+        raise ValueError(f"teachers given together must serve the same model; identities differ: {idents!r}")
     ident = dict(idents[0])
-    if any("endpoints" in i for i in idents):
-        ident["endpoints"] = sorted({e for i in idents for e in i.get("endpoints", [])})
     return {
         "teacher": ident,
         # A local model's identity carries its weights' fingerprint (`distill.models.identity`); kept
@@ -175,6 +133,7 @@ def generate(
     flush_seconds: float = 2.0,
     progress: bool = True,
     console: Any = None,
+    allow_text_only: bool = False,
 ) -> GenerateResult:
     """Answer every prompt of ``prompts_path`` not yet in store ``out``; see the module docstring.
 
@@ -185,6 +144,14 @@ def generate(
     this run (prompt + completion, the in-flight requests counted at their upper bound) would pass
     it. ``price``: a `distill.prices.TokenPrice` for the cost column. ``flush_every``/``flush_seconds``:
     commit a shard after that many answers or seconds (what a ``kill -9`` can cost in re-asking).
+    ``allow_text_only``: with k > 0, keep answers that came without top-k as text-only records;
+    otherwise (the default) the first such answer stops the run with a ``ValueError`` naming the
+    endpoint and what it lacked (nothing of that answer is stored; earlier records stay).
+
+    Before the first prompt is sent, each HTTP teacher's `prepare` checks the server (an endpoint that
+    is not OpenAI-compatible, a k above its limit, a ``--teacher-tokenizer`` it disagrees with: one
+    ``ValueError``, and a store this run would have created is removed again) and what the server
+    reports (its weights fingerprint, its tokenizer) must match what the store recorded before.
     """
     teachers = _as_list(teacher)
     if int(concurrency) < 1:
@@ -206,6 +173,7 @@ def generate(
         )
         prompts.setdefault(p.key, p)  # identical prompts without ids: one request, one record
     t0 = time.monotonic()
+    existed, created = Path(out).exists(), not (Path(out) / store.MANIFEST).exists()
     with store_writer.StoreWriter(out, config) as writer:
         for p in prompts.values():
             old = writer.ids.get(p.record_id)
@@ -218,9 +186,15 @@ def generate(
         result = GenerateResult(
             total=len(prompts), done_before=len(prompts) - len(todo), repaired=writer.repaired
         )
-        if todo and not writer.manifest.get("tokenizer") and hasattr(teachers[0], "tokenizer_info"):
-            writer.manifest["tokenizer"] = teachers[0].tokenizer_info()  # an API model card's tokenizer
         if todo:
+            try:
+                _prepare(teachers, settings, writer)
+            except ValueError:
+                writer.close()
+                if created:  # refused before any prompt was sent: leave no empty store behind
+                    _remove_new_store(Path(out), existed)
+                raise
+            strict = bool(settings.top_logprobs) and not allow_text_only
             _run(
                 teachers,
                 todo,
@@ -234,9 +208,65 @@ def generate(
                 flush_seconds,
                 progress,
                 console,
+                strict,
             )
     result.seconds = time.monotonic() - t0
     return result
+
+
+def _remove_new_store(path: Path, existed: bool) -> None:
+    for name in (store.MANIFEST, store.FAILURES, ".lock"):
+        (path / name).unlink(missing_ok=True)
+    if not existed and not any(path.iterdir()):
+        path.rmdir()
+
+
+def _prepare(teachers, settings: GenerationSettings, writer) -> None:
+    """The HTTP teachers' checks (`APITeacher.prepare`) before the first prompt; what the server reports
+    is recorded in the manifest (``server``, ``endpoints``) and must match what it reported before."""
+    old = writer.manifest.get("server") or {}
+    reports = [t.prepare(settings, old) for t in teachers if hasattr(t, "prepare")]
+    if not reports:
+        return
+    new = reports[0]
+    for r in reports[1:]:
+        if store.canonical(r) != store.canonical(new):
+            raise ValueError(f"teachers given together report different models: {new!r} vs {r!r}")
+    checks = [("fingerprint", old.get("fingerprint"), new.get("fingerprint"))]
+    for h in ("vocab_hash", "probe_hash"):
+        checks.append(
+            (f"tokenizer {h}", (old.get("tokenizer") or {}).get(h), (new.get("tokenizer") or {}).get(h))
+        )
+    for what, was, now in checks:
+        if was and now and was != now:
+            raise ValueError(
+                f"store {writer.path} holds answers of a server that reported {what} {str(was)[:16]}; "
+                f"{' '.join(getattr(teachers[0], 'urls', []))} now reports {str(now)[:16]} (other weights "
+                "or tokenizer under the same name): use a new --out (or --teacher-revision to mark them)"
+            )
+    writer.manifest["server"] = new
+    writer.manifest["endpoints"] = sorted({u for t in teachers for u in getattr(t, "urls", [])})
+    if not writer.manifest.get("tokenizer") and new.get("tokenizer"):
+        writer.manifest["tokenizer"] = new["tokenizer"]
+
+
+class TextOnlyError(ValueError):
+    """Top-k was asked (k > 0) and the endpoint answered without it: no silent downgrade to text."""
+
+
+def _lacked(teacher, first: tuple[str, Any], k: int) -> str:
+    rid, c = first
+    where = " ".join(getattr(teacher, "urls", [])) or repr(teacher)
+    if c.completion_token_ids is None and c.completion_token_bytes is None:
+        what = "no per-token log-probabilities at all (no logprobs in the answer)"
+    else:
+        what = f"per-token log-probabilities but no top-{k} alternatives"
+    return (
+        f"--top-k {k} was asked, but teacher {where} answered prompt {rid!r} with text only: {what}. "
+        "Stopped after the first answers (the text-only ones were not stored; the records committed "
+        "before are intact). Use an endpoint that returns top-k log-probabilities (vLLM, distill serve, "
+        "an OpenAI-compatible API with logprobs), or pass --allow-text-only to keep text-only records"
+    )
 
 
 class _Budget:
@@ -276,6 +306,7 @@ def _run(
     flush_seconds,
     progress,
     console,
+    strict=False,
 ) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -331,7 +362,7 @@ def _run(
         ThreadPoolExecutor(workers) as pool,
     ):
         task = bar.add_task("generate", total=len(todo), failed=0, tokens=0, cost="")
-        inflight: dict[Future, tuple[list[Prompt], int]] = {}
+        inflight: dict[Future, tuple[list[Prompt], int, Any]] = {}
         next_job, rr = 0, 0
         try:
             while next_job < len(jobs) or inflight:
@@ -343,15 +374,18 @@ def _run(
                     teacher = teachers[rr % len(teachers)]
                     rr += 1
                     budget.reserved += cost
-                    inflight[pool.submit(ask, teacher, batch)] = (batch, cost)
+                    inflight[pool.submit(ask, teacher, batch)] = (batch, cost, teacher)
                     next_job += 1
                 if not inflight:
                     break
                 finished, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
                 for fut in finished:
-                    batch, cost = inflight.pop(fut)
+                    batch, cost, teacher = inflight.pop(fut)
                     budget.reserved -= cost
                     _collect(fut, batch, fail, buffer, pending_spent, budget, price, result, k)
+                    if strict and result.without_topk:  # keep none of it; what came with top-k is kept
+                        buffer[:] = [r for r in buffer if store_writer.row_topk_kind(r)]
+                        raise TextOnlyError(_lacked(teacher, result.text_only, k))
                 bar.update(
                     task,
                     completed=result.answered + result.failed,
@@ -396,9 +430,11 @@ def _collect(fut, batch, fail, buffer, spent, budget, price, result, k) -> None:
             fail(p.key, p.record_id, f"ValueError: {err}", 1)
             result.failed += 1
             continue
+        if k and store_writer.row_topk_kind(row) is None:
+            result.without_topk += 1
+            result.text_only = (p.record_id, c)
         buffer.append(row)
         result.answered += 1
-        result.without_topk += int(bool(k) and row["topk_ids"] is None)
         pt, ct = row["prompt_tokens"], row["completion_tokens"]
         result.prompt_tokens += pt
         result.completion_tokens += ct

@@ -9,7 +9,16 @@ from typing import Any
 
 import numpy as np
 
-from distill.store.format import IGNORE, MANIFEST, SHARD_GLOB, _shard_ok, read_failures, read_manifest
+from distill.store.format import (
+    IGNORE,
+    MANIFEST,
+    SHARD_GLOB,
+    V2_COLUMNS,
+    _shard_ok,
+    read_failures,
+    read_manifest,
+    topk_kind,
+)
 
 # --- reading ----------------------------------------------------------------------------------------
 
@@ -38,6 +47,10 @@ class Store:
             raise FileNotFoundError(f"no such store directory: {self.path}")
         self.manifest = read_manifest(self.path)
         self.k = int(self.manifest.get("k") or 0)
+        self.topk_kind = topk_kind(self.manifest)
+        """``"ids"``, ``"bytes"`` (a hosted API's top-k as strings) or None (text only)."""
+        self.retokenized = 0
+        """Records `examples` tokenised from their text (the teacher gave no token ids)."""
         self.allow_partial = allow_partial
         self.shards = [p for p in sorted(self.path.glob(SHARD_GLOB)) if _shard_ok(p)]
         self.rejected: dict[str, int] = {}
@@ -88,10 +101,13 @@ class Store:
         """Arrow record batches of the shards in order, ``batch_size`` rows at a time (streaming)."""
         import pyarrow.parquet as pq
 
-        cols = list(columns) if columns is not None else None
+        wanted = list(columns) if columns is not None else None
         for shard in self.shards:
             # Shards carry page checksums: flipped bytes fail here instead of reading as wrong values.
             pf = pq.ParquetFile(shard, page_checksum_verification=True)
+            names = set(pf.schema_arrow.names)
+            # Version-1 shards lack the byte columns: left out here, read as None by `__iter__`.
+            cols = None if wanted is None else [c for c in wanted if c in names or c not in V2_COLUMNS]
             for g in range(pf.num_row_groups):  # one row group in memory at a time
                 try:
                     table = pf.read_row_group(g, columns=cols, use_threads=False)
@@ -113,13 +129,19 @@ class Store:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """Records as dicts: ``key``, ``id``, ``prompt`` (str, or a list of messages for chats),
         ``completion``, ``finish_reason``, ``prompt_token_ids``, ``completion_token_ids`` (lists or None),
-        ``topk_ids``/``topk_logprobs`` (``n_completion`` lists of k, or None), ``usage``."""
+        ``topk_ids``/``topk_logprobs`` (``n_completion`` lists of k, or None), ``completion_token_bytes``
+        (list of bytes or None), ``topk_bytes`` (``n_completion`` lists of k bytes, or None), ``usage``."""
         k = self.k
         for batch in self.batches():
             for row in batch.to_pylist():
                 for name, dtype in (("topk_ids", "<i4"), ("topk_logprobs", "<f2")):
                     blob = row[name]
                     row[name] = None if blob is None else np.frombuffer(blob, dtype).reshape(-1, k).tolist()
+                row.setdefault("completion_token_bytes", None)
+                flat = row.get("topk_bytes")
+                row["topk_bytes"] = (
+                    None if flat is None else [flat[i : i + k] for i in range(0, len(flat), k)]
+                )
                 if row.pop("is_chat"):
                     row["prompt"] = json.loads(row["prompt"])
                 row["usage"] = {
@@ -141,12 +163,16 @@ class Store:
         (given tokens < i), zero on prompt positions. ``max_length`` cuts sequences from the end; a
         record left without completion tokens is skipped. Records with NaN/inf log-probabilities are
         skipped. Skips are counted in ``self.rejected``. Records without token ids (a black-box API)
-        are tokenised with ``tokenizer`` (chats through its chat template); without one they are an error.
+        are tokenised with ``tokenizer`` (chats through its chat template), with the tokenizer's EOS appended
+        when the finish reason is ``stop`` (so a student learns to stop); each is counted in
+        ``self.retokenized``. Without a tokenizer they are an error. Records with token ids use them as
+        given (vLLM's and distill's already end with the EOS when they stopped).
         """
         import torch
 
         k = self.k
-        cols = ["id", "prompt", "is_chat", "completion", "prompt_token_ids", "completion_token_ids"]
+        cols = ["id", "prompt", "is_chat", "completion", "finish_reason", "prompt_token_ids"]
+        cols += ["completion_token_ids"]
         cols += ["topk_ids", "topk_logprobs"]
         for batch in self.batches(cols):
             ids = batch.column("id").to_pylist()
@@ -204,7 +230,11 @@ class Store:
             p = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             p = tokenizer(prompt)["input_ids"]
-        c = tokenizer(batch.column("completion")[i].as_py(), add_special_tokens=False)["input_ids"]
+        c = list(tokenizer(batch.column("completion")[i].as_py(), add_special_tokens=False)["input_ids"])
+        eos = getattr(tokenizer, "eos_token_id", None)
+        if batch.column("finish_reason")[i].as_py() == "stop" and eos is not None and (not c or c[-1] != eos):
+            c.append(int(eos))  # the answer ended: train the student to end it too
+        self.retokenized += 1
         return np.asarray(p, dtype=np.int64), np.asarray(c, dtype=np.int64)
 
 

@@ -31,25 +31,34 @@ from distill.store.format import (
     read_failures,
     read_manifest,
     schema,
+    topk_kind,
 )
 
 
 def completion_row(key: str, user_id: str, prompt: str | None, messages: Any, c, k: int) -> dict[str, Any]:
     """A shard row from a `Completion` (``c``). Raises ``ValueError`` for top-k data of the wrong shape
-    or with NaN/inf log-probabilities (such an answer is a failure, never training data)."""
-    ids = lps = None
-    if k and c.top_ids is not None and c.top_logprobs is not None and c.completion_token_ids is not None:
-        n = len(c.completion_token_ids)
-        ids_a = np.asarray(c.top_ids, dtype=np.int64).reshape(-1)
+    or with NaN/inf log-probabilities (such an answer is a failure, never training data).
+
+    Top-k as ids (``c.top_ids``: local teachers, vLLM, distill serve) goes to ``topk_ids``; top-k as
+    bytes (``c.top_bytes``: hosted APIs) to ``topk_bytes`` (row-major n*k), ``topk_ids`` null."""
+    ids = lps = top_bytes = None
+    comp_bytes = getattr(c, "completion_token_bytes", None)
+    by_bytes = getattr(c, "top_bytes", None) is not None and c.top_ids is None
+    n = len(c.completion_token_ids) if c.completion_token_ids is not None else len(comp_bytes or [])
+    if k and c.top_logprobs is not None and (by_bytes or (c.top_ids is not None and c.completion_token_ids)):
         lps_a = np.asarray(c.top_logprobs, dtype=np.float64).reshape(-1)
-        if ids_a.size != n * k or lps_a.size != n * k:
-            raise ValueError(
-                f"prompt {user_id!r}: top-k data of {ids_a.size} values, expected {n} tokens x k={k}"
-            )
+        if by_bytes:
+            top_bytes = [bytes(b) for row in c.top_bytes if len(row) == k for b in row]
+            got = len(top_bytes) if len(c.top_bytes) == n else -1
+        else:
+            ids_a = np.asarray(c.top_ids, dtype=np.int64).reshape(-1)
+            got = ids_a.size
+        if got != n * k or lps_a.size != n * k:
+            raise ValueError(f"prompt {user_id!r}: top-k data of {got} values, expected {n} tokens x k={k}")
         if not np.isfinite(lps_a).all():
             raise ValueError(f"prompt {user_id!r}: the teacher returned non-finite log-probabilities")
         # float16 cannot hold log-probabilities below -65504; they are probabilities of ~0 anyway.
-        ids = ids_a.astype("<i4").tobytes()
+        ids = None if by_bytes else ids_a.astype("<i4").tobytes()
         lps = np.maximum(lps_a, FLOAT16_MIN).astype("<f2").tobytes()
     usage = c.usage or {}
     return {
@@ -64,8 +73,17 @@ def completion_row(key: str, user_id: str, prompt: str | None, messages: Any, c,
         "topk_ids": ids,
         "topk_logprobs": lps,
         "prompt_tokens": int(usage.get("prompt_tokens", len(c.prompt_token_ids or []))),
-        "completion_tokens": int(usage.get("completion_tokens", len(c.completion_token_ids or []))),
+        "completion_tokens": int(usage.get("completion_tokens", n)),
+        "completion_token_bytes": None if comp_bytes is None else [bytes(b) for b in comp_bytes],
+        "topk_bytes": top_bytes,
     }
+
+
+def row_topk_kind(row: dict[str, Any]) -> str | None:
+    """``"ids"``, ``"bytes"`` or None: how a shard row (`completion_row`) holds its top-k."""
+    if row.get("topk_ids") is not None:
+        return "ids"
+    return "bytes" if row.get("topk_bytes") is not None else None
 
 
 class StoreWriter:
@@ -110,10 +128,14 @@ class StoreWriter:
             self.manifest = read_manifest(self.path)
             if self.manifest.get("config_hash") != self.config_hash:
                 raise ValueError(_mismatch(self.path, self.manifest, config))
+            # A version-1 store goes on as version 2 (its shards lack the byte columns: read as null).
+            self.manifest["topk_kind"] = topk_kind(self.manifest)
+            self.manifest["version"] = VERSION
         else:
             now = _now()
             self.manifest = {"format": FORMAT, "version": VERSION, "config_hash": self.config_hash}
             self.manifest.update(config)
+            self.manifest["topk_kind"] = None  # set by the first answer with top-k: "ids" or "bytes"
             self.manifest.update(created=now, spent={"prompt_tokens": 0, "completion_tokens": 0, "cost": 0.0})
         for tmp in self.path.glob(".*.tmp"):
             tmp.unlink()
@@ -189,6 +211,15 @@ class StoreWriter:
         if spent:
             for name, value in spent.items():
                 self.manifest["spent"][name] = self.manifest["spent"].get(name, 0) + value
+        kinds = {row_topk_kind(r) for r in rows} - {None}
+        have = self.manifest.get("topk_kind")
+        if len(kinds | ({have} - {None})) > 1:
+            raise ValueError(
+                f"store {self.path} holds top-k as {have or 'mixed kinds'}; these answers bring "
+                f"{', '.join(sorted(kinds))}: one store, one kind (use a new --out)"
+            )
+        if kinds and have is None:
+            self.manifest["topk_kind"] = kinds.pop()
         if rows:
             seq = 1 + max((int(s["file"][6:12]) for s in self.shards), default=-1)
             final = self.path / f"shard-{seq:06d}.parquet"
@@ -266,7 +297,11 @@ class StoreWriter:
         atomic_write_bytes(self.path / MANIFEST, data.encode("utf-8"))
 
     def close(self) -> None:
-        """Flush the manifest and release the lock (after a failed write, only release the lock)."""
+        """Flush the manifest and release the lock (after a failed write, only release the lock).
+        A second call does nothing."""
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
         try:
             if self._broken is None:
                 with self._writing(MANIFEST):

@@ -48,7 +48,12 @@ class TrainConfig:
     """Weight of the distillation term, in [0, 1]: loss = alpha * KD + (1 - alpha) * CE on the labels."""
     teacher: str | None = None
     """Directory of a local teacher causal LM; its full logits are computed on the fly. Needed by
-    ``on-policy`` and by ``logits`` when the store has no top-k log-probabilities."""
+    ``on-policy`` and by ``logits`` when the store has no top-k log-probabilities. ``on-policy`` also
+    takes a vLLM base URL ``http(s)://HOST/v1``: it scores every sequence through vLLM's
+    ``prompt_logprobs`` (top ``teacher_top_k`` per position)."""
+    teacher_top_k: int = 20
+    """On-policy with an HTTP teacher (``--teacher URL``): top log-probabilities per position it returns
+    for each scored sequence; at most the server's ``--max-logprobs`` (20 by default)."""
     cross_tokenizer: str = "project"
     """When the teacher's tokenizer is not the student's (``logits``, ``on-policy``): ``project`` maps the
     teacher's top-k at aligned positions onto the student's vocabulary (then ``loss`` applies), ``uld``
@@ -144,6 +149,7 @@ class TrainConfig:
             ("max_new_tokens", 1),
             ("log_every", 1),
             ("cross_top_k", 0),
+            ("teacher_top_k", 1),
         ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
@@ -170,7 +176,12 @@ class TrainConfig:
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(sorted(LOSSES))}, got {self.loss!r}")
         if self.mode == "on-policy" and not self.teacher:
-            raise ValueError("mode 'on-policy' needs a local teacher: give --teacher DIR")
+            raise ValueError("mode 'on-policy' needs a teacher: give --teacher DIR (or a vLLM URL)")
+        if self.mode != "on-policy" and str(self.teacher or "").startswith(("http://", "https://")):
+            raise ValueError(
+                f"--teacher {self.teacher}: an HTTP teacher scores sequences in mode 'on-policy' only; "
+                "for 'logits' store its top-k with `distill generate --teacher URL` and train on the store"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able values (tuples become lists)."""

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from distill.models.token_bytes import TokenBytes, token_bytes
+from distill.store.format import topk_kind
 from distill.train.cross import Projector, teacher_from_bytes, teacher_from_ids
 from distill.train.examples import DataStats, text_example
 from distill.train.vocab import vocab_hash
@@ -31,14 +32,6 @@ from distill.train.vocab import vocab_hash
 
 def _name(tok) -> str:
     return str(getattr(tok, "name_or_path", "") or "?")
-
-
-def topk_kind(manifest: dict[str, Any]) -> str | None:
-    """``ids``, ``bytes`` or ``None`` (no top-k): the manifest's ``topk_kind``; a version-1 manifest
-    reads as ``ids`` when it has k > 0."""
-    if "topk_kind" in (manifest or {}):
-        return manifest["topk_kind"]
-    return "ids" if int((manifest or {}).get("k") or 0) > 0 else None
 
 
 def _attach(items: list[tuple[dict, list[int], int]], proj: Projector, stats: DataStats) -> None:
@@ -154,7 +147,7 @@ def cross_store(cfg, tok) -> dict[str, Any] | None:
     info = manifest.get("tokenizer") or {}
     theirs = info.get("vocab_hash")
     spec = {"top_k": cfg.cross_top_k, "method": cfg.cross_tokenizer}
-    if manifest.get("topk_kind") == "bytes":
+    if topk_kind(manifest) == "bytes":
         return spec
     if not theirs or theirs == vocab_hash(tok):
         return None

@@ -48,6 +48,10 @@ class DataStats:
     cross: dict[str, Any] = field(default_factory=dict)
     """Across tokenizers: ``teacher_tokenizer``, ``method``, ``positions`` and ``aligned`` (completion
     positions, and those with a KD target), ``unspelled`` (records whose tokens do not spell the text)."""
+    retokenized: int = 0
+    """Store records tokenised from their text with the student's tokenizer (the teacher gave no ids)."""
+    notes: list[str] = field(default_factory=list)
+    """What loading could not check (e.g. a store that records no teacher tokenizer)."""
     lost: dict[str, int] = field(default_factory=dict)
     """Damaged shard (or row group) -> records of the manifest that could not be read (only when a
     partial store is allowed; otherwise reading refuses the store)."""
@@ -60,6 +64,9 @@ class DataStats:
         if self.truncated:
             parts.append(f"{self.truncated} truncated")
         parts += [f"{n} skipped: {why}" for why, n in sorted(self.skipped.items())]
+        if self.retokenized:
+            parts.append(f"{self.retokenized} re-tokenised from their text (the teacher gave no token ids)")
+        parts += self.notes
         if self.lost:
             parts.append(f"{sum(self.lost.values())} records lost in damaged shards ({', '.join(self.lost)})")
         return "; ".join(parts)
@@ -183,7 +190,13 @@ def _from_store(
     manifest = dict(getattr(st, "manifest", {}) or {})
     stats.manifest = manifest
     stats.capture_temperature = float(manifest.get("capture_temperature") or 1.0)
+    if need_topk:
+        _check_topk_kind(path, manifest)
     theirs = (manifest.get("tokenizer") or {}).get("vocab_hash")
+    if token_level and not manifest.get("tokenizer"):
+        stats.notes.append(
+            "the store records no teacher tokenizer: its token ids are taken to be the student's (not checked)"
+        )
     if as_text:
         return _store_as_text(st, tokenizer, max_length, stats)
     if theirs and theirs != vocab_hash(tokenizer):
@@ -213,10 +226,34 @@ def _from_store(
                 continue
             item["topk_ids"], item["topk_logprobs"] = ex["topk_ids"].long(), lp
         out.append(item)
+    stats.retokenized = getattr(st, "retokenized", 0)
     for reason, n in getattr(st, "rejected", {}).items():
         stats.read += n
         stats.skipped[reason] = stats.skipped.get(reason, 0) + n
     return out
+
+
+def _check_topk_kind(path: Path, manifest: dict[str, Any]) -> None:
+    """``logits`` mode without a local teacher needs top-k *ids*: one line for a store without them."""
+    from distill.store.format import topk_kind
+
+    kind = topk_kind(manifest)
+    if kind == "ids":
+        return
+    teacher = manifest.get("teacher") or {}
+    where = " ".join(manifest.get("endpoints") or []) or teacher.get("name") or "its teacher"
+    if kind is None:
+        what = (
+            f"text only: {where} returned no top-k log-probabilities"
+            if int(manifest.get("k") or 0)
+            else "text only (generated with --top-k 0)"
+        )
+    else:
+        what = f"top-k as token strings (bytes) from {where}, not token ids in the student's vocabulary"
+    raise ValueError(
+        f"{path}: --mode logits needs the teacher's top-k token ids, but this store holds {what}; "
+        "use --mode sft, give --teacher DIR, or regenerate from an endpoint that returns them (vLLM, distill serve)"
+    )
 
 
 def load_examples(

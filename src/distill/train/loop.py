@@ -36,7 +36,7 @@ from distill.train.checkpoint import prepare_output
 from distill.train.config import TrainConfig
 from distill.train.examples import IGNORE, BatchOrder, DataStats, collate
 from distill.train.objective import Objective
-from distill.train.onpolicy import is_on_policy, student_samples
+from distill.train.onpolicy import is_on_policy, remote_scores, student_samples
 
 
 @dataclass
@@ -180,6 +180,8 @@ def train(cfg: TrainConfig, *, accelerator=None, console=None) -> TrainResult:
                 micro = [student_samples(cfg, student, mb, tok, synced=synced) for mb in micro]
                 if cross_teacher is not None:  # a teacher of another tokenizer: targets for the fresh samples
                     micro = [cross_teacher.annotate(mb) for mb in micro]
+            if models.remote_teacher is not None:  # an HTTP teacher scores every sequence (vLLM)
+                micro = [remote_scores(models.remote_teacher, mb, cfg.teacher_top_k) for mb in micro]
             batches = [collate(mb, tok.pad_token_id) for mb in micro]
             total, parts_sum, n_total = accumulate_gradients(
                 objective, accelerator, model, teacher, batches, on_policy=on_policy

@@ -2,7 +2,10 @@
 
 A step is on-policy with probability ``lmbda``, drawn from a generator seeded by ``(seed, step)``
 (never the global RNG), so every process agrees and a resumed run draws the same. The student's
-samples replace the data's completions; the teacher then scores every sampled token.
+samples replace the data's completions; the teacher then scores every sampled token: a local
+teacher with its full logits (in the loop), an HTTP teacher (vLLM) here, through `remote_scores`,
+which adds the same per-example top-k fields a store's examples carry, so the loss takes the
+stored-top-k path.
 """
 
 from __future__ import annotations
@@ -58,4 +61,57 @@ def student_samples(cfg: TrainConfig, model, examples, tok, *, synced: bool = Fa
     return made
 
 
-__all__ = ["is_on_policy", "student_samples"]
+def remote_scores(teacher, examples: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
+    """``examples`` with ``topk_ids`` (L, k) long and ``topk_logprobs`` (L, k) float32 from an HTTP
+    teacher (`distill.models.api.APITeacher.score`: vLLM's ``prompt_logprobs``): row i is the
+    teacher's distribution for the token at position i given the tokens before it (row 0 zeros), as in
+    a store's examples. Only labelled positions are trained on, so the prompt rows cost nothing."""
+    scored = teacher.score([e["input_ids"].tolist() for e in examples], k)
+    out = []
+    for e, (ids, lps) in zip(examples, scored):
+        out.append(
+            {
+                **e,
+                "topk_ids": torch.tensor(ids, dtype=torch.long),
+                "topk_logprobs": torch.tensor(lps, dtype=torch.float32),
+            }
+        )
+    return out
+
+
+def open_scoring_teacher(url: str, student_tokenizer, k: int):
+    """The `APITeacher` at ``url`` for on-policy scoring, after checking (one line each, before any
+    training step) that it is vLLM (only its ``prompt_logprobs`` scores given tokens), that it
+    tokenises `PROBE` as the student's tokenizer does (token-level distillation needs one vocabulary)
+    and that it returns ``k`` log-probabilities per position."""
+    from distill.models.http import APIError
+    from distill.models.open import open_model
+    from distill.models.server import PROBE, _tokenize, check_top_k, local_probe_ids
+
+    teacher = open_model(url, role="teacher")
+    where = f"--teacher {teacher.urls[0]}"
+    try:
+        if teacher._known_kind() != "vllm":
+            raise ValueError(
+                f"{where}: on-policy scoring needs vLLM's prompt_logprobs; this server's /v1/models card "
+                f"says owned_by {(teacher._card or {}).get('owned_by')!r}"
+            )
+        server_ids, strs = _tokenize(teacher, PROBE)
+        mine = local_probe_ids(student_tokenizer)
+        if server_ids != mine:
+            i = next(
+                (j for j, (a, b) in enumerate(zip(server_ids, mine)) if a != b),
+                min(len(mine), len(server_ids)),
+            )
+            raise ValueError(
+                f"{where} tokenises the probe text differently from the student's tokenizer (first difference "
+                f"at probe token {i}: server {strs[i] if strs and i < len(strs) else None!r}); token-level "
+                "distillation needs one tokenizer"
+            )
+        check_top_k(teacher, k)
+    except APIError as err:
+        raise ValueError(f"{where}: {err}") from None
+    return teacher
+
+
+__all__ = ["is_on_policy", "open_scoring_teacher", "remote_scores", "student_samples"]

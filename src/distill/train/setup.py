@@ -85,6 +85,8 @@ class Models:
     cross_teacher: Any | None = None
     """A local teacher of another tokenizer (`distill.train.cross_data.CrossTeacher`); ``teacher`` is
     then None: its targets come projected onto the student's vocabulary, in the batches."""
+    remote_teacher: Any | None = None
+    """On-policy with ``--teacher URL``: the `APITeacher` (vLLM) that scores every sequence."""
 
 
 def load_models(cfg: TrainConfig, accelerator) -> Models:
@@ -92,6 +94,11 @@ def load_models(cfg: TrainConfig, accelerator) -> Models:
     checking that both speak the same vocabulary (or, when not, wrapped as a `CrossTeacher`)."""
     student, tok = load_model(cfg.student, "student", cfg.trust_remote_code)
     teacher, n_vocab = None, len(tok)
+    if cfg.teacher and cfg.mode == "on-policy" and cfg.teacher.startswith(("http://", "https://")):
+        from distill.train.onpolicy import open_scoring_teacher
+
+        remote = open_scoring_teacher(cfg.teacher, tok, cfg.teacher_top_k)
+        return Models(student=student, tokenizer=tok, teacher=None, n_vocab=n_vocab, remote_teacher=remote)
     if cfg.teacher and cfg.mode != "sft":
         teacher, t_tok = load_model(cfg.teacher, "teacher", cfg.trust_remote_code)
         if token_strings(tok) != token_strings(t_tok):  # another tokenizer: distil through the text
@@ -120,7 +127,10 @@ def load_data(cfg: TrainConfig, models: Models, say: Say) -> tuple[list[dict[str
     and that on-policy prompts leave room in the student's context for ``max_new_tokens``."""
     student, tok = models.student, models.tokenizer
     token_level = cfg.mode != "sft"
-    from_store = token_level and models.teacher is None and models.cross_teacher is None
+    local = (
+        models.teacher is not None or models.cross_teacher is not None or models.remote_teacher is not None
+    )
+    from_store = token_level and not local
     spec = cross_store(cfg, tok) if from_store else None
     if spec is not None:  # a store of another tokenizer's top-k: projected onto the student's vocabulary
         from distill.train.cross_data import load_cross_store

@@ -65,10 +65,24 @@ def shared_vocab_size(
 def check_store_tokenizer(manifest: dict, student_tokenizer, source: str) -> None:
     """Refuse a store captured with another tokenizer than the student's (token-level modes only).
 
-    Compares the manifest's ``tokenizer.vocab_hash`` with the student's when the store records one.
+    Compares the manifest's ``tokenizer.vocab_hash`` with the student's when the store records one;
+    else its ``probe_hash`` (a server's tokenisation of a probe text, `distill.models.server.PROBE`:
+    vLLM publishes no vocabulary) with the student's tokenisation of the same text. A store recording
+    neither is reported by `distill.train.examples` (a note in the data summary), not skipped silently.
     """
     info = (manifest or {}).get("tokenizer") or {}
     theirs = info.get("vocab_hash")
+    if not theirs and info.get("probe_hash"):
+        from distill.models.server import local_probe_ids, probe_hash
+
+        mine = probe_hash(local_probe_ids(student_tokenizer))
+        if mine != info["probe_hash"]:
+            raise ValueError(
+                f"{source}: the store's teacher ({info.get('name')!r}) tokenises the probe text differently "
+                f"from the student's tokenizer {_name(student_tokenizer, 'tokenizer')!r}; token-level modes "
+                "need the same tokenizer; use --mode sft across tokenizers"
+            )
+        return
     if not theirs:
         return
     mine = vocab_hash(student_tokenizer)

@@ -85,6 +85,22 @@ def test_choice_rows_read_every_shape_of_answer():
     assert choice_rows({"logprobs": {"content": [{"top_logprobs": "junk"}]}}, chat=True) is None
 
 
+def test_legacy_rows_start_with_the_chosen_tokens_own_logprob_when_strings_collide():
+    # vLLM's legacy /v1/completions (no return_tokens_as_token_ids): two ids that read " 4" share one
+    # key, and the dict keeps the last value (the less likely id's); seen as a lower confidence and a
+    # wrongly routed request with a real vLLM student. The chosen token's value is in token_logprobs.
+    merged = {
+        "logprobs": {
+            "tokens": [" 4", ","],
+            "token_logprobs": [-0.1, -0.7],
+            "top_logprobs": [{" 4": -2.5, " 5": -3.0}, {",": -0.7, ".": -0.9, ";": -3.2}],
+        }
+    }
+    rows = choice_rows(merged, chat=False)
+    assert rows == [[-0.1, -2.5, -3.0], [-0.7, -0.9, -3.2]]  # no duplicate of an unmerged chosen entry
+    assert confidence_signals(rows)["mean_logprob"] == pytest.approx(-0.4)
+
+
 def test_the_decision_uses_route_fits_k_whatever_k_the_client_asked_for():
     router = Router(0.99, "entropy").fit(
         {"entropy": [0.5, 3.0], "student_quality": [1.0, 0.0], "teacher_quality": [1.0, 1.0]}

@@ -201,6 +201,10 @@ def test_black_box_records_are_tokenised_with_a_tokenizer(tmp_path, tiny_tokeniz
         list(st.examples())
     (ex,) = st.examples(tokenizer=tiny_tokenizer)
     p = tiny_tokenizer("Invoice 0001")["input_ids"]
-    c_ids = tiny_tokenizer("total 3.50 EUR", add_special_tokens=False)["input_ids"]
+    # finish_reason "stop": the tokenizer's EOS ends the completion, so an SFT student learns to stop.
+    c_ids = tiny_tokenizer("total 3.50 EUR", add_special_tokens=False)["input_ids"] + [
+        tiny_tokenizer.eos_token_id
+    ]
     assert ex["input_ids"].tolist() == p + c_ids and ex["labels"].tolist() == [-100] * len(p) + c_ids
     assert "topk_ids" not in ex
+    assert st.retokenized == 1  # counted, and reported by `distill train`

@@ -80,7 +80,7 @@ def test_config_validation_names_the_value():
         ({"lmbda": 2.0}, "lambda must be in"),
         ({"mode": "dpo"}, "mode must be one of sft, logits, on-policy, got 'dpo'"),
         ({"grad_accum": 0}, "grad_accum must be an integer >= 1, got 0"),
-        ({"mode": "on-policy"}, "needs a local teacher"),
+        ({"mode": "on-policy"}, "needs a teacher"),
     ]:
         with pytest.raises(ValueError, match=match):
             TrainConfig(**base, **bad)
