@@ -81,6 +81,31 @@ def teacher_from_bytes(completion_token_bytes, topk_bytes, topk_logprobs) -> Tea
     return TeacherSide(toks, eligible, alts, np.zeros(lps.shape, dtype=bool), lps)
 
 
+def trailing_special(side: TeacherSide, text: bytes) -> TeacherSide:
+    """A server that spells its end-of-sequence token as text (``b"<eos>"``, ``b"</s>"``) after the
+    completion: that trailing token is the EOS (no bytes of the text), and alternatives spelled like it
+    are the EOS too. ``side`` unchanged when its tokens spell the text (or not even its start)."""
+    stream = b"".join(side.token_bytes)
+    lead = 1 if stream[:1] == b" " and not text[:1] == b" " and stream[1:].startswith(text) else 0
+    if len(stream) <= len(text) + lead or not stream[lead:].startswith(text):
+        return side
+    ends = np.cumsum([len(b) for b in side.token_bytes])
+    cut = np.flatnonzero(ends == len(text) + lead)
+    if not len(cut) or cut[0] != len(side.token_bytes) - 2:
+        return side  # only one trailing token is an end-of-sequence marker
+    n = int(cut[0]) + 1
+    marker = side.token_bytes[n]
+    eos = side.alt_eos.copy()
+    alts = [list(row) for row in side.alt_bytes]
+    for i, row in enumerate(alts):
+        for r, a in enumerate(row):
+            if a == marker:
+                eos[i, r], row[r] = True, None
+    eligible = side.eligible.copy()
+    eligible[n] = True
+    return TeacherSide([*side.token_bytes[:n], b""], eligible, alts, eos, side.logprobs)
+
+
 @dataclass
 class Projected:
     """Targets of one example's completion positions in the student's vocabulary."""
@@ -130,6 +155,7 @@ class Projector:
         k = teacher.logprobs.shape[1] if teacher.logprobs.ndim == 2 and len(teacher.logprobs) else 1
         entry: list = []
         self._records.append((len(s_ids), k, entry))
+        teacher = trailing_special(teacher, data)
         t_lead = prefix_lead(b"".join(teacher.token_bytes), data)  # a teacher cut at its context: a prefix
         # The student's labels may stop early (an example cut to max_length): a prefix of the text will do.
         s_lead = prefix_lead(b"".join(self.tb.table[i] for i in s_ids.tolist()), data)
@@ -221,4 +247,12 @@ class Projector:
         return result
 
 
-__all__ = ["Projected", "Projector", "TeacherSide", "teacher_from_bytes", "teacher_from_ids", "REST_BYTES"]
+__all__ = [
+    "Projected",
+    "Projector",
+    "TeacherSide",
+    "teacher_from_bytes",
+    "teacher_from_ids",
+    "trailing_special",
+    "REST_BYTES",
+]

@@ -165,3 +165,25 @@ def test_kd_mask_and_uld_batches(tiny_tokenizer, metaspace_tokenizer):
     assert batch["kd_mask"].shape == batch["labels"].shape and not batch["kd_mask"][1, 5:].any()
     assert batch["uld_logprobs"].shape[:2] == batch["labels"].shape
     assert torch.isinf(batch["uld_logprobs"][1, 5:]).all()
+
+
+def test_an_eos_spelled_as_text_after_the_completion_is_the_eos(tiny_tokenizer):
+    """distill serve and vLLM spell a stop token as its text (b"<eos>") in a hosted-style answer: the
+    contract's "modulo special tokens a server hides from text". That trailing token is the EOS."""
+    from distill.train.cross import trailing_special
+
+    side = teacher_from_bytes(
+        [b" red", b"<eos>"],
+        [[b" red", b" blue", b"<eos>"], [b"<eos>", b" red", b" blue"]],
+        np.log([[0.6, 0.35, 0.01], [0.99, 0.005, 0.004]]),
+    )
+    fixed = trailing_special(side, b" red")
+    assert fixed.token_bytes == [b" red", b""] and fixed.alt_eos[0, 2] and fixed.alt_eos[1, 0]
+    assert trailing_special(side, b" red and more") is side  # not a trailing marker: unchanged
+    s_ids = tiny_tokenizer(" red", add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
+    proj = Projector(tiny_tokenizer, 3)
+    h = proj.add(" red", side, s_ids)
+    out = proj.run()[h]
+    assert out.aligned.all()
+    last = dict(zip(out.ids[-1].tolist(), np.exp(out.logprobs[-1]).tolist()))
+    assert last[tiny_tokenizer.eos_token_id] == pytest.approx(0.99, rel=1e-5)
