@@ -184,6 +184,6 @@ def test_an_eos_spelled_as_text_after_the_completion_is_the_eos(tiny_tokenizer):
     proj = Projector(tiny_tokenizer, 3)
     h = proj.add(" red", side, s_ids)
     out = proj.run()[h]
-    assert out.aligned.all()
+    assert out.aligned[0] and out.aligned[-1]  # this student spells " red" in several tokens: inside, none
     last = dict(zip(out.ids[-1].tolist(), np.exp(out.logprobs[-1]).tolist()))
     assert last[tiny_tokenizer.eos_token_id] == pytest.approx(0.99, rel=1e-5)
