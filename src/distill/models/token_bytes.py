@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+import weakref
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -94,14 +95,26 @@ def _backend(tokenizer):
     return backend
 
 
+_BY_OBJECT: dict[int, tuple[weakref.ref, TokenBytes]] = {}
+
+
 def token_bytes(tokenizer) -> TokenBytes:
-    """The `TokenBytes` of a `transformers` fast tokenizer (cached per vocabulary)."""
+    """The `TokenBytes` of a `transformers` fast tokenizer (cached per tokenizer object, and per vocabulary:
+    building one for a 131k vocabulary takes seconds)."""
     from distill.models.identity import vocab_hash
 
+    hit = _BY_OBJECT.get(id(tokenizer))
+    if hit is not None and hit[0]() is tokenizer:
+        return hit[1]
     backend = _backend(tokenizer)
     key = vocab_hash(tokenizer) + str(sorted(getattr(tokenizer, "all_special_ids", []) or []))
-    return _cached(key, backend.to_str(), tuple(getattr(tokenizer, "all_special_ids", []) or ()),
-                   getattr(tokenizer, "eos_token_id", None), str(getattr(tokenizer, "name_or_path", "")))  # fmt: skip
+    tb = _cached(key, backend.to_str(), tuple(getattr(tokenizer, "all_special_ids", []) or ()),
+                 getattr(tokenizer, "eos_token_id", None), str(getattr(tokenizer, "name_or_path", "")))  # fmt: skip
+    try:
+        _BY_OBJECT[id(tokenizer)] = (weakref.ref(tokenizer), tb)
+    except TypeError:  # not weak-referenceable: the vocabulary cache still holds it
+        pass
+    return tb
 
 
 @lru_cache(maxsize=8)

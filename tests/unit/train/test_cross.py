@@ -178,7 +178,8 @@ def test_an_eos_spelled_as_text_after_the_completion_is_the_eos(tiny_tokenizer):
         np.log([[0.6, 0.35, 0.01], [0.99, 0.005, 0.004]]),
     )
     fixed = trailing_special(side, b" red")
-    assert fixed.token_bytes == [b" red", b""] and fixed.alt_eos[0, 2] and fixed.alt_eos[1, 0]
+    assert fixed.token_bytes == [b" red", b""] and fixed.eligible.all()
+    assert set(fixed.vocab.eos_ids) == {int(fixed.alts[0, 2])} == {int(fixed.alts[1, 0])}
     assert trailing_special(side, b" red and more") is side  # not a trailing marker: unchanged
     s_ids = tiny_tokenizer(" red", add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
     proj = Projector(tiny_tokenizer, 3)
