@@ -149,11 +149,21 @@ def cross_store(cfg, tok) -> dict[str, Any] | None:
     spec = {"top_k": cfg.cross_top_k, "method": cfg.cross_tokenizer}
     if topk_kind(manifest) == "bytes":
         return spec
-    if not theirs or theirs == vocab_hash(tok):
+    # vLLM publishes no vocabulary: such a store records the server's tokenisation of a probe text instead.
+    probe = None if theirs else info.get("probe_hash")
+    if probe:
+        from distill.models.server import local_probe_ids, probe_hash
+
+        def hashed(t) -> str:
+            return probe_hash(local_probe_ids(t))
+    else:
+        hashed = vocab_hash
+    if not (theirs or probe) or hashed(tok) == (theirs or probe):
         return None
+    what = f"vocab hash {theirs[:12]}" if theirs else f"probe hash {probe[:12]}"
     if not cfg.teacher_tokenizer:
         raise ValueError(
-            f"{cfg.data}: the store's teacher used tokenizer {info.get('name')!r} (vocab hash {theirs[:12]}), "
+            f"{cfg.data}: the store's teacher used tokenizer {info.get('name')!r} ({what}), "
             f"not the student's {_name(tok)!r}; to distil its top-k across tokenizers give that tokenizer "
             "with --teacher-tokenizer DIR (or use --mode sft)"
         )
@@ -163,10 +173,10 @@ def cross_store(cfg, tok) -> dict[str, Any] | None:
     t_tok = load_tokenizer(
         cfg.teacher_tokenizer, "teacher tokenizer", trust_remote_code=cfg.trust_remote_code
     )
-    if vocab_hash(t_tok) != theirs:
+    if hashed(t_tok) != (theirs or probe):
         raise ValueError(
-            f"--teacher-tokenizer {cfg.teacher_tokenizer}: vocab hash {vocab_hash(t_tok)[:12]} is not the "
-            f"store's ({theirs[:12]}, tokenizer {info.get('name')!r} in {cfg.data}/manifest.json)"
+            f"--teacher-tokenizer {cfg.teacher_tokenizer}: {hashed(t_tok)[:12]} is not the store's "
+            f"{what} (tokenizer {info.get('name')!r} in {cfg.data}/manifest.json)"
         )
     return {**spec, "teacher_bytes": token_bytes(t_tok)}
 

@@ -110,3 +110,38 @@ def test_store_of_bytes_records(tiny_tokenizer, metaspace_tokenizer):
     missing = _Records([{**rows[0], "completion_token_bytes": None}], 2)
     assert store_examples(missing, tiny_tokenizer, None, max_length=256, stats=stats) == []
     assert any("token bytes missing" in r for r in stats.skipped)
+
+
+def test_a_vllm_store_of_another_tokenizer_is_checked_by_its_probe_hash(
+    tmp_path, tiny_tokenizer, metaspace_tokenizer
+):
+    """vLLM publishes no vocabulary: the manifest records its tokenisation of a probe text (issue #12)."""
+    from distill.models.server import local_probe_ids, probe_hash
+    from distill.store import StoreWriter
+    from distill.train.cross_data import cross_store
+
+    def store(path, tok):
+        cfg = {"teacher": {"kind": "api", "name": "m"}, "settings": {}, "k": 3, "capture_temperature": 1.0,
+               "tokenizer": {"name": "m", "vocab_hash": None, "probe_hash": probe_hash(local_probe_ids(tok))}}  # fmt: skip
+        with StoreWriter(path, cfg):
+            pass
+        return path
+
+    metaspace_tokenizer.save_pretrained(tmp_path / "meta")
+    other = store(tmp_path / "other", metaspace_tokenizer)
+    cfg = TrainConfig(student="s", data=str(other), out="o", mode="logits")
+    with pytest.raises(ValueError, match="probe hash .* --teacher-tokenizer DIR"):
+        cross_store(cfg, tiny_tokenizer)
+    spec = cross_store(TrainConfig(student="s", data=str(other), out="o", mode="logits",
+                                   teacher_tokenizer=str(tmp_path / "meta")), tiny_tokenizer)  # fmt: skip
+    assert spec["teacher_bytes"] is token_bytes(metaspace_tokenizer) or len(spec["teacher_bytes"]) == len(
+        metaspace_tokenizer
+    )
+    tiny_tokenizer.save_pretrained(tmp_path / "tiny")
+    with pytest.raises(ValueError, match="is not the store's probe hash"):
+        cross_store(TrainConfig(student="s", data=str(other), out="o", mode="logits",
+                                teacher_tokenizer=str(tmp_path / "tiny")), tiny_tokenizer)  # fmt: skip
+    same = store(tmp_path / "same", tiny_tokenizer)
+    assert (
+        cross_store(TrainConfig(student="s", data=str(same), out="o", mode="logits"), tiny_tokenizer) is None
+    )
