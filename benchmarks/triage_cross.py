@@ -17,6 +17,8 @@ T and alpha of the two soft-label students are chosen on validation (seed 0; ``-
 
     .venv/bin/python benchmarks/triage_cross.py --out runs/triage-cross          # the full run
     .venv/bin/python benchmarks/triage_cross.py --out /tmp/tc --quick            # a tiny run (~1 min)
+    .venv/bin/python benchmarks/triage_cross.py --out runs/triage-cross --kinds uld --alphas 0.1 0.5 \
+        --temperatures 1 --name triage_cross_uld                                 # more settings, same teacher
 
 Writes ``OUT/triage_cross.json`` and prints the table (docs/train.md has the recorded one).
 """
@@ -65,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 2.0])
     ap.add_argument("--alphas", type=float, nargs="+", default=[0.9])
     ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="students to train (the "
+                    "teacher and store are cached in OUT: a second run with other --kinds reuses them)")  # fmt: skip
+    ap.add_argument("--name", default="triage_cross", help="OUT/NAME.json")
     args = ap.parse_args(argv)
 
     from rich.console import Console
@@ -149,22 +154,23 @@ def main(argv: list[str] | None = None) -> int:
     grid = [(t, a) for t in args.temperatures for a in args.alphas]
     workers = args.workers or min(default_workers(), 8)
     with WorkerPool(workers) as pool:
-        first = [job(k, 0, t, a, sweep=True) for k in ("project", "uld") for t, a in grid]
-        first += [job(k, s) for k in ("hard", "sft") for s in range(cfg.seeds)]
+        soft = [k for k in ("project", "uld") if k in args.kinds]
+        first = [job(k, 0, t, a, sweep=True) for k in soft for t, a in grid]
+        first += [job(k, s) for k in ("hard", "sft") if k in args.kinds for s in range(cfg.seeds)]
         done = run_jobs(_job, first, pool=pool, console=console, progress=False)
         chosen = {}
-        for k in ("project", "uld"):
+        for k in soft:
             pts = [r for r in done if r["kind"] == k and r["sweep"]]
             best = max(pts, key=lambda r: r["val"]["accuracy"])  # ties: the first (lower T)
             chosen[k] = (best["temperature"], best["alpha"])
             done.append({**best, "sweep": False})
         console.print(f"chosen on validation: {chosen}")
-        second = [job(k, s, *chosen[k]) for k in ("project", "uld") for s in range(1, cfg.seeds)]
+        second = [job(k, s, *chosen[k]) for k in soft for s in range(1, cfg.seeds)]
         done += run_jobs(_job, second, pool=pool, console=console, progress=False)
 
     t_scores = ev.scores(teacher_pred["test"], test, None)
     rows, result = [], {"teacher": {**t_scores, "params": model_params(tdir), "tokenizer": "metaspace"}}
-    for k in KINDS:
+    for k in [k for k in KINDS if k in args.kinds]:
         runs = sorted((r for r in done if r["kind"] == k and not r["sweep"]), key=lambda r: r["seed"])
         per = [ev.scores(r["test_pred"], test, teacher_pred["test"]) for r in runs]
         agg = {m: report.mean_std([p[m] for p in per]) | {"per_seed": [p[m] for p in per]} for m in per[0]}
@@ -192,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         rows,
         console=console,
     )
-    (out / "triage_cross.json").write_text(json.dumps(result, indent=2))
-    console.print(f"{time.perf_counter() - t_start:.0f} s; {out / 'triage_cross.json'}")
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
+    console.print(f"{time.perf_counter() - t_start:.0f} s; {out / f'{args.name}.json'}")
     return 0
 
 
