@@ -1,7 +1,8 @@
 """Distillation losses: pure functions of tensors.
 
 Owns: the divergences and their row kernels (`divergence.py`), sparse teachers — top-k or sampled —
-(`sparse.py`), the chunked loss from hidden states and the LM head (`fused.py`), and the public
+(`sparse.py`), the chunked loss from hidden states and the LM head (`fused.py`), ULD against a teacher's
+own top-k across tokenizers (`uld_sparse.py`), and the public
 functions below. May import: torch and the shared modules only (no model, no file).
 
 - ``hinton_loss``: soft targets at temperature T with the T² factor, plus hard-label CE (classifiers).
