@@ -67,3 +67,30 @@ def tiny_lm_model_id(tiny_lm_server) -> str:
     import httpx
 
     return httpx.get(tiny_lm_server + "/models").json()["data"][0]["id"]
+
+
+# Real tokenizers that ship offline in mistral_common (SentencePiece v1, Tekken), converted to fast
+# tokenizers (distill.models.mistral_tokenizers); tests/unit/models/test_token_bytes.py checks them
+# token for token against the reference implementations.
+@pytest.fixture(scope="session")
+def sp_v1_tokenizer():
+    pytest.importorskip("mistral_common")
+    from distill.models.mistral_tokenizers import sentencepiece_v1
+
+    return sentencepiece_v1()
+
+
+@pytest.fixture(scope="session")
+def tekken_tokenizer():
+    pytest.importorskip("mistral_common")
+    from distill.models.mistral_tokenizers import tekken
+
+    return tekken()
+
+
+@pytest.fixture(scope="session")
+def metaspace_tokenizer():
+    """A SentencePiece-style BPE (``▁``, dummy prefix, byte fallback) trained on the tiny texts."""
+    from distill.models.tiny import train_metaspace_tokenizer
+
+    return train_metaspace_tokenizer(TINY_TEXTS, vocab_size=450)

@@ -18,6 +18,8 @@ and a server certificate for 127.0.0.1/localhost. ``proxy.connections`` counts a
 connections (keep-alive reuse shows as fewer connections than requests), ``proxy.tls_failures``
 handshakes that failed (e.g. the client did not trust the certificate). ``idle_close=S`` closes a
 kept-alive connection after S seconds without a request, as servers' keep-alive timeouts do.
+``rewrite=fn`` passes every forwarded 200 answer through ``fn(path, body) -> body`` (e.g. to take token
+ids out of an answer, as a hosted API gives none).
 """
 
 from __future__ import annotations
@@ -177,6 +179,7 @@ class FaultProxy:
         paths: tuple[str, ...] = ("/v1/completions", "/v1/chat/completions"),
         server_tls: ssl.SSLContext | None = None,
         idle_close: float | None = None,
+        rewrite=None,
     ) -> None:
         bad = [k for k in kinds if k not in KINDS]
         if bad or not 0.0 <= rate <= 1.0:
@@ -185,7 +188,7 @@ class FaultProxy:
         self.upstream_host, self.upstream_port = parts.hostname, parts.port or 80
         self.rate, self.kinds, self.retry_after, self.hang = rate, kinds, retry_after, hang
         self.force_status, self.paths = force_status, paths
-        self.server_tls, self.idle_close = server_tls, idle_close
+        self.server_tls, self.idle_close, self.rewrite = server_tls, idle_close, rewrite
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self.seen: Counter[str] = Counter()  # requests received, by path
@@ -305,6 +308,8 @@ class FaultProxy:
                     self.close_connection = True
                     return None
                 status, data, headers = self._forward(body)
+                if proxy.rewrite is not None and status == 200:
+                    data = proxy.rewrite(self.path, data)
                 if kind == "malformed":
                     return self._reply(200, data[: max(1, len(data) // 2)])
                 return self._reply(status, data, headers)

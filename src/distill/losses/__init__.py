@@ -1,7 +1,8 @@
 """Distillation losses: pure functions of tensors.
 
 Owns: the divergences and their row kernels (`divergence.py`), sparse teachers — top-k or sampled —
-(`sparse.py`), the chunked loss from hidden states and the LM head (`fused.py`), and the public
+(`sparse.py`), the chunked loss from hidden states and the LM head (`fused.py`), ULD against a teacher's
+own top-k across tokenizers (`uld_sparse.py`), and the public
 functions below. May import: torch and the shared modules only (no model, no file).
 
 - ``hinton_loss``: soft targets at temperature T with the T² factor, plus hard-label CE (classifiers).
@@ -257,6 +258,18 @@ def soft_cross_entropy(
     return _dense("soft_cross_entropy", student_logits, teacher_logits, temperature, mask, {})
 
 
+def uld(
+    student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0, mask: Tensor | None = None
+) -> Tensor:
+    """ULD (Boizard et al. 2024): ``sum_i |sort(p_S)_i - sort(p_T)_i|`` (descending), mean over counted
+    positions; in [0, 2]; 0 whenever one distribution is a permutation of the other.
+
+    Needs no shared vocabulary, only aligned positions: across tokenizers use `uld_topk` with the
+    teacher's own top-k log-probabilities. Arguments and reduction as :func:`forward_kl`.
+    """
+    return _dense("uld", student_logits, teacher_logits, temperature, mask, {})
+
+
 # Every divergence by name, one uniform call for the trainer and the CLI:
 #   LOSSES[name](student_logits, teacher_logits, *, temperature=1.0, mask=None, **kwargs)
 # `hinton_loss` is not here: it takes hard labels and alpha and applies T², a different contract.
@@ -268,6 +281,7 @@ LOSSES: dict = {
     "skew_reverse_kl": skew_reverse_kl,
     "tvd": tvd,
     "soft_cross_entropy": soft_cross_entropy,
+    "uld": uld,
 }
 assert set(LOSSES) == set(ROWS)  # one name space for dense, sparse and fused losses
 
@@ -321,6 +335,7 @@ def kd_loss(
 
 # Defined in its own module (it is mostly autograd plumbing); exported here with the other losses.
 from distill.losses.fused import fused_head_loss, fused_linear_kd_loss  # noqa: E402
+from distill.losses.uld_sparse import uld_topk  # noqa: E402
 
 __all__ = [
     "LOSSES",
@@ -336,4 +351,6 @@ __all__ = [
     "skew_reverse_kl",
     "soft_cross_entropy",
     "tvd",
+    "uld",
+    "uld_topk",
 ]

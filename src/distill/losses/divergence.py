@@ -101,6 +101,15 @@ def soft_cross_entropy_rows(s: Tensor, t: Tensor) -> Tensor:
     return -(p * torch.where(p > 0, s, 0.0)).sum(-1)
 
 
+def uld_rows(s: Tensor, t: Tensor) -> Tensor:
+    """Universal Logit Distillation (Boizard et al. 2024): sum_i |sort(p_S)_i - sort(p_T)_i|, both
+    sorted in descending order; in [0, 2]. Compares the shapes of the distributions, not which token has
+    which probability: no vocabulary mapping needed (a closed-form Wasserstein-1 distance)."""
+    ps = s.exp().sort(dim=-1, descending=True).values
+    pt = t.exp().sort(dim=-1, descending=True).values
+    return (ps - pt).abs().sum(-1)
+
+
 ROWS: dict[str, Callable[..., Tensor]] = {
     "forward_kl": forward_kl_rows,
     "reverse_kl": reverse_kl_rows,
@@ -109,6 +118,7 @@ ROWS: dict[str, Callable[..., Tensor]] = {
     "skew_reverse_kl": skew_reverse_kl_rows,
     "tvd": tvd_rows,
     "soft_cross_entropy": soft_cross_entropy_rows,
+    "uld": uld_rows,
 }
 # The keyword arguments each divergence accepts, validated in ``check_loss``.
 _KWARGS: dict[str, tuple[str, ...]] = {

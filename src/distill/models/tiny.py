@@ -49,6 +49,49 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512):
     return fast
 
 
+def train_metaspace_tokenizer(texts: Iterable[str], vocab_size: int = 600, *, dummy_prefix: bool = True):
+    """A SentencePiece-style BPE tokenizer trained on ``texts``: ``▁`` for spaces, a dummy-prefix space,
+    and byte-fallback pieces ``<0x00>``..``<0xFF>`` for characters it has no piece for (Llama 2 style).
+
+    ``dummy_prefix=False``: no space is prepended to the text (and none stripped when decoding), so a
+    completion that starts with a space keeps it (SentencePiece's ``add_dummy_prefix: false``).
+
+    ``vocab_size`` includes the special tokens (ids 0-5, as `train_tokenizer`) and the 256 byte pieces
+    (ids 6-261). Returns a `PreTrainedTokenizerFast`; pad ``<pad>``, eos = bos ``<eos>``.
+    """
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    n_special = len(SPECIAL_TOKENS)
+    if vocab_size <= 256 + n_special + 1:
+        raise ValueError(f"vocab_size must be > {256 + n_special + 1}, got {vocab_size}")
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    scheme = "always" if dummy_prefix else "never"
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=True)
+    strip = [decoders.Strip(" ", 1, 0)] if dummy_prefix else []
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), *strip]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - 256, special_tokens=SPECIAL_TOKENS, show_progress=False
+    )
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    # The byte pieces go right after the specials; trained pieces move up by 256 (merges name pieces, not ids).
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    moved = {p: (i if i < n_special else i + 256) for p, i in vocab.items()}
+    moved.update({f"<0x{b:02X}>": n_special + b for b in range(256)})
+    spec["model"]["vocab"] = moved
+    tok = Tokenizer.from_str(json.dumps(spec))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<eos>", unk_token="<unk>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
 def tiny_causal_lm(
     vocab_size: int,
     *,

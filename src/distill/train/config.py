@@ -16,9 +16,10 @@ from typing import Any
 
 MODES = ("sft", "logits", "on-policy")
 MIXED_PRECISION = ("no", "bf16", "fp16")
+CROSS_TOKENIZER = ("project", "uld")
 TRACKERS = ("tensorboard", "mlflow", "wandb", "aim", "comet_ml", "clearml", "dvclive")
 # Allowed values of the fields that take one of a few names (also the CLI's choices).
-CHOICES = {"mode": MODES, "mixed_precision": MIXED_PRECISION}
+CHOICES = {"mode": MODES, "mixed_precision": MIXED_PRECISION, "cross_tokenizer": CROSS_TOKENIZER}
 # TOML spellings of fields whose Python name differs (``lambda`` is a Python keyword).
 ALIASES = {"lambda": "lmbda"}
 # Largest distillation temperature: far above any useful one, and T**2 (the KD term's factor) stays finite.
@@ -52,6 +53,16 @@ class TrainConfig:
     ``on-policy`` and by ``logits`` when the store has no top-k log-probabilities. ``on-policy`` also
     takes a vLLM base URL ``http(s)://HOST/v1``: it scores every sequence through vLLM's
     ``prompt_logprobs`` (top ``teacher_top_k`` per position, 20 when that is 0)."""
+    cross_tokenizer: str = "project"
+    """When the teacher's tokenizer is not the student's (``logits``, ``on-policy``): ``project`` maps the
+    teacher's top-k at aligned positions onto the student's vocabulary (then ``loss`` applies), ``uld``
+    compares the sorted probabilities (ULD); unaligned positions get CE only. See docs/losses.md."""
+    cross_top_k: int = 0
+    """Across tokenizers: student tokens kept per position after projection (the rest is the tail
+    bucket); 0 = the teacher's k (20 for a local teacher)."""
+    teacher_tokenizer: str | None = None
+    """Directory with the tokenizer of the teacher that made a store of token ids (``distill generate
+    --teacher DIR``), when it is not the student's; checked against the store manifest's vocabulary hash."""
     allow_partial_store: bool = False
     """Train on what a damaged store still holds: shards its manifest lists that cannot be read are
     counted and reported instead of refused (by default, re-run `distill generate` to redo them)."""
@@ -159,6 +170,7 @@ class TrainConfig:
             ("max_new_tokens", 1),
             ("log_every", 1),
             ("teacher_top_k", 0),
+            ("cross_top_k", 0),
         ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
@@ -181,6 +193,10 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if self.cross_tokenizer not in CROSS_TOKENIZER:
+            raise ValueError(
+                f"cross_tokenizer must be one of {', '.join(CROSS_TOKENIZER)}, got {self.cross_tokenizer!r}"
+            )
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(
                 f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}"

@@ -45,6 +45,9 @@ class DataStats:
     """Temperature at which the store's log-probabilities were captured."""
     manifest: dict[str, Any] = field(default_factory=dict)
     """The store's manifest (empty for a table file)."""
+    cross: dict[str, Any] = field(default_factory=dict)
+    """Across tokenizers: ``teacher_tokenizer``, ``method``, ``positions`` and ``aligned`` (completion
+    positions, and those with a KD target), ``unspelled`` (records whose tokens do not spell the text)."""
     retokenized: int = 0
     """Store records tokenised from their text with the student's tokenizer (the teacher gave no ids)."""
     notes: list[str] = field(default_factory=list)
@@ -108,6 +111,7 @@ def _from_table(path: Path, tokenizer, max_length: int, stats: DataStats) -> lis
             p = tokenizer(prompt)["input_ids"]
             c = tokenizer(completion, add_special_tokens=False)["input_ids"] + eos
             ids, labels, plen = p + c, [IGNORE] * len(p) + c, len(p)
+            text = (prompt, completion)
         else:
             text = row.get("text")
             if not isinstance(text, str) or not text:
@@ -115,6 +119,7 @@ def _from_table(path: Path, tokenizer, max_length: int, stats: DataStats) -> lis
                 continue
             ids = tokenizer(text)["input_ids"] + eos
             labels, plen = list(ids), 0
+            text = ("", text)
         done = _finish(ids, labels, plen, max_length, stats)
         if done is None:
             continue
@@ -125,34 +130,45 @@ def _from_table(path: Path, tokenizer, max_length: int, stats: DataStats) -> lis
                 "input_ids": torch.tensor(ids, dtype=torch.long),
                 "labels": torch.tensor(labels, dtype=torch.long),
                 "prompt_len": plen,
+                "text": text,
             }
         )
     return out
 
 
+def text_example(rec: dict[str, Any], tokenizer, max_length: int, stats: DataStats):
+    """``(example, completion ids)`` of one store record re-tokenised from its text with the student's
+    tokenizer, or ``None`` (skipped and counted). The example keeps its ``text`` (prompt, completion)
+    for a teacher of another tokenizer; the completion ids include EOS and are not truncated."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    prompt, completion = rec.get("prompt"), rec.get("completion")
+    if not isinstance(completion, str) or not completion:
+        stats.skip("empty completion")
+        return None
+    if isinstance(prompt, list):  # a chat: rendered with the student's own template
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        p = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        p = tokenizer(prompt or "")["input_ids"]
+    c = tokenizer(completion, add_special_tokens=False)["input_ids"] + eos
+    done = _finish(p + c, [IGNORE] * len(p) + c, len(p), max_length, stats)
+    if done is None:
+        return None
+    ids, labels, plen = done
+    ex = {"id": str(rec["id"]), "input_ids": torch.tensor(ids, dtype=torch.long),
+          "labels": torch.tensor(labels, dtype=torch.long), "prompt_len": plen, "text": (prompt, completion)}  # fmt: skip
+    return ex, c
+
+
 def _store_as_text(st, tokenizer, max_length: int, stats: DataStats) -> list[dict[str, Any]]:
     """Records re-tokenised from their text with the student's tokenizer (sequence-level training
     across tokenizers: the store's token ids belong to the teacher's vocabulary)."""
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     out = []
     for rec in st:
         stats.read += 1
-        prompt, completion = rec.get("prompt"), rec.get("completion")
-        if not isinstance(completion, str) or not completion:
-            stats.skip("empty completion")
-            continue
-        if isinstance(prompt, list):  # a chat: rendered with the student's own template
-            text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-            p = tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            p = tokenizer(prompt or "")["input_ids"]
-        c = tokenizer(completion, add_special_tokens=False)["input_ids"] + eos
-        done = _finish(p + c, [IGNORE] * len(p) + c, len(p), max_length, stats)
-        if done is None:
-            continue
-        ids, labels, plen = done
-        out.append({"id": str(rec["id"]), "input_ids": torch.tensor(ids, dtype=torch.long),
-                    "labels": torch.tensor(labels, dtype=torch.long), "prompt_len": plen})  # fmt: skip
+        made = text_example(rec, tokenizer, max_length, stats)
+        if made is not None:
+            out.append(made[0])
     return out
 
 
@@ -164,6 +180,7 @@ def _from_store(
     stats: DataStats,
     token_level: bool,
     allow_partial: bool = False,
+    as_text: bool = False,
 ) -> list[dict[str, Any]]:
     from distill import store as store_mod
     from distill.train.vocab import check_store_tokenizer, vocab_hash
@@ -180,6 +197,8 @@ def _from_store(
         stats.notes.append(
             "the store records no teacher tokenizer: its token ids are taken to be the student's (not checked)"
         )
+    if as_text:
+        return _store_as_text(st, tokenizer, max_length, stats)
     if theirs and theirs != vocab_hash(tokenizer):
         if token_level:
             check_store_tokenizer(manifest, tokenizer, str(path))  # raises, naming both tokenizers
@@ -255,6 +274,7 @@ def load_examples(
     need_topk: bool = False,
     token_level: bool = False,
     allow_partial_store: bool = False,
+    as_text: bool = False,
 ) -> tuple[list[dict[str, Any]], DataStats]:
     """Examples from a store directory or a table file, and what loading did (`DataStats`).
 
@@ -262,7 +282,8 @@ def load_examples(
         local teacher). ``token_level``: a store captured with another tokenizer is an error (otherwise
         its records are re-tokenised from their text with ``tokenizer``). ``allow_partial_store``: go on
     when shards the store's manifest lists cannot be read (counted in ``DataStats.lost``); by default
-    such a store is refused (`distill.store.Store`). Raises ``ValueError`` when nothing usable is left, naming the source and the reasons.
+    such a store is refused (`distill.store.Store`). A store of another tokenizer's top-k is read by
+    `distill.train.cross_data.load_cross_store` instead. ``as_text``: re-tokenise every record from its text (a local teacher of another tokenizer). Raises ``ValueError`` when nothing usable is left, naming the source and the reasons.
     """
     path = Path(data)
     if not path.exists():
@@ -272,7 +293,7 @@ def load_examples(
     stats = DataStats(source=str(path))
     if is_store(path):
         examples = _from_store(
-            path, tokenizer, max_length, need_topk, stats, token_level, allow_partial_store
+            path, tokenizer, max_length, need_topk, stats, token_level, allow_partial_store, as_text
         )
     else:
         if need_topk:
@@ -326,6 +347,18 @@ def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tens
         # Rows without a label (prompt, padding) carry no teacher signal: mark every entry as padding.
         lps[labels == IGNORE] = -math.inf
         batch["topk_ids"], batch["topk_logprobs"] = ids, lps
+    # Across tokenizers (`distill.train.cross_data`): which positions have a KD target, and for ULD the
+    # teacher's own sorted top-k; padding rows have no target.
+    if all("kd_mask" in e for e in examples):
+        batch["kd_mask"] = torch.zeros((b, n), dtype=torch.bool)
+        for i, e in enumerate(examples):
+            batch["kd_mask"][i, : len(e["kd_mask"])] = e["kd_mask"]
+    if all("uld_logprobs" in e for e in examples):
+        k = max(e["uld_logprobs"].shape[-1] for e in examples)
+        batch["uld_logprobs"] = torch.full((b, n, k), -math.inf)
+        for i, e in enumerate(examples):
+            m, kk = e["uld_logprobs"].shape
+            batch["uld_logprobs"][i, :m, :kk] = e["uld_logprobs"]
     return batch
 
 

@@ -143,7 +143,7 @@ def train(cfg: TrainConfig, *, accelerator=None, console=None) -> TrainResult:
     main = accelerator.is_main_process
     say = console.print if main else _quiet
     models = setup.load_models(cfg, accelerator)
-    tok, teacher = models.tokenizer, models.teacher
+    tok, teacher, cross_teacher = models.tokenizer, models.teacher, models.cross_teacher
     examples, stats = setup.load_data(cfg, models, say)
     objective = Objective.from_config(
         cfg, capture_temperature=stats.capture_temperature, n_vocab=models.n_vocab
@@ -174,6 +174,8 @@ def train(cfg: TrainConfig, *, accelerator=None, console=None) -> TrainResult:
             if on_policy:
                 student = accelerator.unwrap_model(model)
                 micro = [student_samples(cfg, student, mb, tok, synced=synced) for mb in micro]
+                if cross_teacher is not None:  # a teacher of another tokenizer: targets for the fresh samples
+                    micro = [cross_teacher.annotate(mb) for mb in micro]
             if models.remote_teacher is not None:  # an HTTP teacher scores every sequence (vLLM)
                 micro = [
                     remote_scores(models.remote_teacher, mb, cfg.teacher_top_k or REMOTE_TOP_K)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from distill.losses import SparseTargets, kd_loss
+from distill.losses import SparseTargets, kd_loss, uld_topk
 from distill.train.config import TrainConfig
 from distill.train.examples import IGNORE
 
@@ -49,6 +49,10 @@ class Objective:
     """Rows per chunk of the fused loss; ``None``: `distill.train.heads.default_chunk_size`."""
     teacher_top_k: int = 0
     """A local teacher's top-k (+ tail bucket) instead of its full distribution; 0: full."""
+    cross_tokenizer: str = "project"
+    """Batches from a teacher of another tokenizer (they carry ``kd_mask``): ``project`` (their top-k is
+    already in the student's vocabulary: ``loss`` applies) or ``uld`` (`distill.losses.uld_topk` against
+    the teacher's own sorted top-k, ``uld_logprobs``)."""
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, *, capture_temperature: float = 1.0, n_vocab: int) -> Objective:
@@ -63,9 +67,12 @@ class Objective:
             temperature=cfg.temperature,
             capture_temperature=capture_temperature,
             n_vocab=None if cfg.mode == "sft" else n_vocab,
-            fused=cfg.fused,
+            # ULD reads the teacher's own sorted top-k (uld_logprobs), which the fused head does not:
+            # ULD runs on the full logits (its students are small-vocabulary ones here; docs/losses.md).
+            fused=cfg.fused and cfg.cross_tokenizer != "uld",
             chunk_size=cfg.chunk_size,
             teacher_top_k=cfg.teacher_top_k,
+            cross_tokenizer=cfg.cross_tokenizer,
         )
 
     @property
@@ -98,6 +105,10 @@ class Objective:
         n = int(mask.sum())
         if n == 0:
             return s_logits.sum() * 0.0
+        if t_logits is None and self.cross_tokenizer == "uld" and "uld_logprobs" in batch:
+            mean = uld_topk(s_logits, batch["uld_logprobs"][:, 1:], temperature=self.temperature,
+                            capture_temperature=self.capture_temperature, mask=mask)  # fmt: skip
+            return mean * n * self.temperature**2
         teacher = self.targets(batch, t_logits)
         mean = kd_loss(
             s_logits, teacher, loss=self.loss, temperature=self.temperature, mask=mask, **self.loss_kwargs
@@ -127,7 +138,9 @@ class Objective:
         )
         if not self.distills:
             return ce, {"ce": ce.detach()}
-        kd = self._kd_sum(s, batch, t, mask)
+        # Across tokenizers only aligned positions have a teacher distribution; the others get CE only.
+        kd_mask = mask & batch["kd_mask"][:, 1:] if "kd_mask" in batch and t is None else mask
+        kd = self._kd_sum(s, batch, t, kd_mask)
         alpha = self.kd_weight(on_policy)
         return alpha * kd + (1 - alpha) * ce, {"ce": ce.detach(), "kd": kd.detach()}
 

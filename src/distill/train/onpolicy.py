@@ -57,7 +57,10 @@ def student_samples(cfg: TrainConfig, model, examples, tok, *, synced: bool = Fa
             gen = gen[: gen.index(tok.eos_token_id) + 1]
         ids = torch.cat([p, torch.tensor(gen, dtype=torch.long)])
         labels = torch.cat([torch.full_like(p, IGNORE), torch.tensor(gen, dtype=torch.long)])
-        made.append({"id": e["id"], "input_ids": ids, "labels": labels, "prompt_len": len(p)})
+        sample = {"id": e["id"], "input_ids": ids, "labels": labels, "prompt_len": len(p)}
+        if "text" in e:  # what a teacher of another tokenizer reads (`distill.train.cross_data.CrossTeacher`)
+            sample["text"] = (e["text"][0], tok.decode(gen, skip_special_tokens=True))
+        made.append(sample)
     return made
 
 

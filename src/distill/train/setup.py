@@ -20,6 +20,7 @@ import torch
 
 from distill.train import checkpoint as ckpt
 from distill.train.config import TrainConfig
+from distill.train.cross_data import cross_store, cross_summary
 from distill.train.distributed import (
     check_launch,
     check_requested,
@@ -29,10 +30,11 @@ from distill.train.distributed import (
     mixed_precision,
 )
 from distill.train.examples import BatchOrder, DataStats, load_examples
+from distill.train.knobs import check_chunk_size, enable_checkpointing
 from distill.train.onpolicy import REMOTE_TOP_K
 from distill.train.packing import check_packing, pack_examples
 from distill.train.trackers import PROJECT, check_trackers, logging_dir, tracker_env
-from distill.train.vocab import check_store_tokenizer, shared_vocab_size
+from distill.train.vocab import check_store_tokenizer, shared_vocab_size, token_strings
 
 Say = Callable[..., None]
 
@@ -83,13 +85,16 @@ class Models:
     teacher: Any | None
     n_vocab: int
     """Real vocabulary entries (the student's tokenizer; shared with the teacher's when there is one)."""
+    cross_teacher: Any | None = None
+    """A local teacher of another tokenizer (`distill.train.cross_data.CrossTeacher`); ``teacher`` is
+    then None: its targets come projected onto the student's vocabulary, in the batches."""
     remote_teacher: Any | None = None
     """On-policy with ``--teacher URL``: the `APITeacher` (vLLM) that scores every sequence."""
 
 
 def load_models(cfg: TrainConfig, accelerator) -> Models:
     """Student and tokenizer; in token-level modes also the local teacher (frozen, on the device), after
-    checking that both speak the same vocabulary."""
+    checking that both speak the same vocabulary (or, when not, wrapped as a `CrossTeacher`)."""
     student, tok = load_model(cfg.student, "student", cfg.trust_remote_code)
     teacher, n_vocab = None, len(tok)
     if cfg.teacher and cfg.mode == "on-policy" and cfg.teacher.startswith(("http://", "https://")):
@@ -99,6 +104,12 @@ def load_models(cfg: TrainConfig, accelerator) -> Models:
         return Models(student=student, tokenizer=tok, teacher=None, n_vocab=n_vocab, remote_teacher=remote)
     if cfg.teacher and cfg.mode != "sft":
         teacher, t_tok = load_model(cfg.teacher, "teacher", cfg.trust_remote_code)
+        if token_strings(tok) != token_strings(t_tok):  # another tokenizer: distil through the text
+            from distill.train.cross_data import CrossTeacher
+
+            teacher.requires_grad_(False).eval().to(accelerator.device)
+            cross = CrossTeacher(teacher, t_tok, tok, k=20, top_k=cfg.cross_top_k)
+            return Models(student=student, tokenizer=tok, teacher=None, n_vocab=n_vocab, cross_teacher=cross)
         n_vocab = shared_vocab_size(
             tok,
             t_tok,
@@ -124,16 +135,35 @@ def load_data(cfg: TrainConfig, models: Models, say: Say) -> tuple[list[dict[str
     and that on-policy prompts leave room in the student's context for ``max_new_tokens``."""
     student, tok = models.student, models.tokenizer
     token_level = cfg.mode != "sft"
-    from_store = token_level and models.teacher is None and models.remote_teacher is None
-    examples, stats = load_examples(
-        cfg.data,
-        tok,
-        max_length=max_length(cfg, student),
-        need_topk=from_store,
-        token_level=token_level,
-        allow_partial_store=cfg.allow_partial_store,
+    local = (
+        models.teacher is not None or models.cross_teacher is not None or models.remote_teacher is not None
     )
-    if from_store:
+    from_store = token_level and not local
+    spec = cross_store(cfg, tok) if from_store else None
+    if spec is not None:  # a store of another tokenizer's top-k: projected onto the student's vocabulary
+        from distill.train.cross_data import load_cross_store
+
+        examples, stats = load_cross_store(
+            cfg.data, tok, spec, max_length=max_length(cfg, student), allow_partial=cfg.allow_partial_store
+        )
+    else:
+        examples, stats = load_examples(
+            cfg.data,
+            tok,
+            max_length=max_length(cfg, student),
+            need_topk=from_store,
+            token_level=token_level and models.cross_teacher is None,
+            allow_partial_store=cfg.allow_partial_store,
+            as_text=models.cross_teacher is not None,
+        )
+    if models.cross_teacher is not None:
+        t_name = _name(models.cross_teacher.tok)
+        stats.cross = {"teacher_tokenizer": t_name, "method": cfg.cross_tokenizer}
+        models.cross_teacher.annotate(examples, stats)
+        stats.has_topk = True
+    if stats.cross:
+        say(f"[bold]cross-tokenizer[/]: {cross_summary(stats, _name(tok))}")
+    elif from_store:
         check_store_tokenizer(stats.manifest, tok, cfg.data)
         top = max(int(e["topk_ids"].max()) for e in examples)
         if top >= student.config.vocab_size:
@@ -158,34 +188,8 @@ def load_data(cfg: TrainConfig, models: Models, say: Say) -> tuple[list[dict[str
     return examples, stats
 
 
-def check_chunk_size(cfg: TrainConfig, examples: list[dict[str, Any]]) -> None:
-    """Refuse a ``--chunk-size`` larger than a micro-batch can hold (its longest rows, all counted)."""
-    if cfg.chunk_size is None:
-        return
-    most = cfg.batch_size * max(len(e["input_ids"]) - 1 for e in examples)
-    if cfg.chunk_size > most:
-        raise ValueError(
-            f"chunk_size (--chunk-size) {cfg.chunk_size} is larger than a micro-batch's tokens (at most "
-            f"{cfg.batch_size} x {most // cfg.batch_size} = {most} with --batch-size {cfg.batch_size}): "
-            "give at most that, or leave it unset for the default"
-        )
-
-
-def enable_checkpointing(cfg: TrainConfig, student) -> None:
-    """``--gradient-checkpointing``: layer activations recomputed in backward; refused where unsupported."""
-    if not cfg.gradient_checkpointing:
-        return
-    if not getattr(student, "supports_gradient_checkpointing", False):
-        raise ValueError(
-            f"--gradient-checkpointing: {type(student).__name__} ({cfg.student}) does not support gradient "
-            "checkpointing (transformers' supports_gradient_checkpointing is False); train without it"
-        )
-    # Non-reentrant: gradients also reach frozen-embedding models (LoRA) without enable_input_require_grads.
-    kwargs = {"use_reentrant": False}
-    if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5.2x's name for it
-        student.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+def _name(tok) -> str:
+    return str(getattr(tok, "name_or_path", "") or "?")
 
 
 @dataclass

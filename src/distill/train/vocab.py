@@ -80,7 +80,8 @@ def check_store_tokenizer(manifest: dict, student_tokenizer, source: str) -> Non
             raise ValueError(
                 f"{source}: the store's teacher ({info.get('name')!r}) tokenises the probe text differently "
                 f"from the student's tokenizer {_name(student_tokenizer, 'tokenizer')!r}; token-level modes "
-                "need the same tokenizer; use --mode sft across tokenizers"
+                "need the same tokenizer (or, with --mode logits, the teacher's: --teacher-tokenizer DIR); "
+                "use --mode sft across tokenizers"
             )
         return
     if not theirs:

@@ -31,6 +31,7 @@ NAMES = [
     "skew_reverse_kl",
     "tvd",
     "soft_cross_entropy",
+    "uld",
 ]
 KWARGS = {"generalized_jsd": {"beta": 0.3}, "skew_kl": {"skew": 0.2}, "skew_reverse_kl": {"skew": 0.2}}
 
@@ -68,6 +69,8 @@ def _ref_row(name: str, zs: np.ndarray, zt: np.ndarray, temperature: float, **kw
         return 0.5 * float(np.abs(p_t - p_s).sum())
     if name == "soft_cross_entropy":
         return float(-(p_t * np.log(p_s)).sum())
+    if name == "uld":  # Boizard et al.: L1 distance of the probability vectors sorted descending
+        return float(np.abs(np.sort(p_s)[::-1] - np.sort(p_t)[::-1]).sum())
     raise AssertionError(name)
 
 
