@@ -25,6 +25,7 @@ from typing import Any
 from distill.models.base import Completion, GenerationSettings, Request
 from distill.models.identity import text_hash, vocab_hash, weights_fingerprint
 from distill.models.streaming import row_reporter
+from distill.models.token_bytes import _byte_decoder
 
 __all__ = ["CAPTURE_TEMPERATURE", "Generation", "HFTeacher", "Score", "vocab_hash", "weights_fingerprint"]
 
@@ -56,20 +57,6 @@ class Generation:
 
     completion: Completion
     token_logprobs: list[float]
-
-
-def _byte_decoder() -> dict[str, int]:
-    # Inverse of GPT-2's bytes_to_unicode: the printable character standing for each byte.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1))
-    bs += list(range(ord("\xae"), ord("\xff") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
 
 
 def _sample_seed(seed: int, request_id: str) -> int:
