@@ -37,7 +37,7 @@ from distill.train.config import TrainConfig
 from distill.train.examples import IGNORE, BatchOrder, DataStats, collate
 from distill.train.heads import micro_batch_loss
 from distill.train.objective import Objective
-from distill.train.onpolicy import REMOTE_TOP_K, is_on_policy, remote_scores, student_samples
+from distill.train.onpolicy import is_on_policy, remote_scores, remote_top_k, student_samples
 
 
 @dataclass
@@ -177,10 +177,7 @@ def train(cfg: TrainConfig, *, accelerator=None, console=None) -> TrainResult:
                 if cross_teacher is not None:  # a teacher of another tokenizer: targets for the fresh samples
                     micro = [cross_teacher.annotate(mb) for mb in micro]
             if models.remote_teacher is not None:  # an HTTP teacher scores every sequence (vLLM)
-                micro = [
-                    remote_scores(models.remote_teacher, mb, cfg.teacher_top_k or REMOTE_TOP_K)
-                    for mb in micro
-                ]
+                micro = [remote_scores(models.remote_teacher, mb, remote_top_k(cfg)) for mb in micro]
             batches = [collate(mb, tok.pad_token_id) for mb in micro]
             total, parts_sum, n_total = accumulate_gradients(
                 objective, accelerator, model, teacher, batches, on_policy=on_policy

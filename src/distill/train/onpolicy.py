@@ -21,6 +21,11 @@ REMOTE_TOP_K = 20
 """Top-k an HTTP teacher is asked per position when ``teacher_top_k`` is 0 (vLLM's default ``--max-logprobs``)."""
 
 
+def remote_top_k(cfg: TrainConfig) -> int:
+    """Top-k an HTTP teacher (``--teacher URL``) is asked per position: ``teacher_top_k``, or `REMOTE_TOP_K`."""
+    return cfg.teacher_top_k or REMOTE_TOP_K
+
+
 def is_on_policy(cfg: TrainConfig, step: int) -> bool:
     """Whether optimizer step ``step`` (0-based) trains on the student's own samples."""
     g = torch.Generator().manual_seed(cfg.seed * 7919 + step)

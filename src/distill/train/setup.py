@@ -31,7 +31,7 @@ from distill.train.distributed import (
 )
 from distill.train.examples import BatchOrder, DataStats, load_examples
 from distill.train.knobs import check_chunk_size, enable_checkpointing
-from distill.train.onpolicy import REMOTE_TOP_K
+from distill.train.onpolicy import remote_top_k
 from distill.train.packing import check_packing, pack_examples
 from distill.train.trackers import PROJECT, check_trackers, logging_dir, tracker_env
 from distill.train.vocab import check_store_tokenizer, shared_vocab_size, token_strings
@@ -100,7 +100,7 @@ def load_models(cfg: TrainConfig, accelerator) -> Models:
     if cfg.teacher and cfg.mode == "on-policy" and cfg.teacher.startswith(("http://", "https://")):
         from distill.train.onpolicy import open_scoring_teacher
 
-        remote = open_scoring_teacher(cfg.teacher, tok, cfg.teacher_top_k or REMOTE_TOP_K)
+        remote = open_scoring_teacher(cfg.teacher, tok, remote_top_k(cfg))
         return Models(student=student, tokenizer=tok, teacher=None, n_vocab=n_vocab, remote_teacher=remote)
     if cfg.teacher and cfg.mode != "sft":
         teacher, t_tok = load_model(cfg.teacher, "teacher", cfg.trust_remote_code)
