@@ -36,6 +36,16 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH_PY = ROOT / ".venv-bench" / "bin" / "python"
 
 
+def write_data(work: Path, rows: list[dict]) -> None:
+    """``work/data.jsonl`` (id, prompt, completion: distill's input) and ``work/chat.jsonl`` (messages: TRL's)."""
+    with open(work / "data.jsonl", "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps({k: r[k] for k in ("id", "prompt", "completion")}) + "\n")
+    with open(work / "chat.jsonl", "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps({"messages": r["messages"]}) + "\n")
+
+
 def _setup(work: Path, n: int) -> dict:
     from distill.demos.tasks import make_examples
     from distill.models.tiny import save_tiny, tiny_causal_lm, train_tokenizer
@@ -51,12 +61,7 @@ def _setup(work: Path, n: int) -> dict:
         full = tok.apply_chat_template(messages, tokenize=False)
         rows.append({"id": e.id, "prompt": prompt, "completion": full[len(prompt) :], "messages": messages})
         lengths.append(len(tok(full)["input_ids"]))
-    with open(work / "data.jsonl", "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps({k: r[k] for k in ("id", "prompt", "completion")}) + "\n")
-    with open(work / "chat.jsonl", "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps({"messages": r["messages"]}) + "\n")
+    write_data(work, rows)
     return {"examples": n, "mean_tokens": sum(lengths) / len(lengths), "max_tokens": max(lengths)}
 
 

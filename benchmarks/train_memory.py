@@ -108,12 +108,9 @@ def _setup(work: Path, vocab: int, n: int, cuda: bool, widths: tuple[int, int]) 
         rows.append({"id": str(i), "prompt": prompt, "completion": completion,
                      "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]})  # fmt: skip
         completions.append((ids[:PROMPT], ids[PROMPT:] + [tok.eos_token_id]))
-    with open(work / "data.jsonl", "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps({k: r[k] for k in ("id", "prompt", "completion")}) + "\n")
-    with open(work / "chat.jsonl", "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps({"messages": r["messages"]}) + "\n")
+    from train import write_data  # benchmarks/train.py (this script's folder is on sys.path)
+
+    write_data(work, rows)
     # The teacher's top-20 at every completion position (temperature 1, log_softmax over all V first).
     cfg = {"teacher": {"kind": "hf", "name": "teacher"}, "tokenizer": {"name": "words", "vocab_hash": vocab_hash(tok)},
            "settings": {}, "k": 20, "capture_temperature": 1.0}  # fmt: skip
